@@ -1,0 +1,273 @@
+"""MAML: Model-Agnostic Meta-Learning (Finn, Abbeel & Levine, ICML 2017).
+
+Algorithm 2 of the paper, for a meta-batch of tasks T_i ~ p(T):
+
+    inner update (eq. 1):  theta'_i = theta - alpha * grad_theta L_{T_i}^{support}(f_theta)
+    meta-objective (eq. 2/3):  min_theta  sum_i L_{T_i}^{query}(f_{theta'_i})
+
+Second order differentiates the meta-objective through the inner updates (the
+gradient of eq. 1 is itself differentiated); first order (FOMAML, section 5.2)
+treats the inner gradients as constants. With a learned inner learning rate
+alpha (Meta-SGD, Li et al. 2017) alpha is a meta-parameter too, one per
+parameter tensor or one per coordinate.
+
+Everything below the class is a pure function of a parameter dict: ``adapt``
+maps (meta-parameters, support set) to adapted parameters and never mutates
+the model. The whole meta-batch is adapted either in one batched call
+(``torch.func.vmap`` of the forward pass over per-task parameter copies) or by a
+loop over tasks; both give the same numbers (tests/algorithms/test_maml.py).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+Params = dict[str, Tensor]
+TaskLoss = Callable[[Params, Tensor, Tensor], Tensor]
+
+
+class TaskBatch(NamedTuple):
+    """A meta-batch of tasks, stacked: B tasks, N support and M query examples each.
+
+    ``info`` optionally describes each task (e.g. a sinusoid's amplitude and
+    phase); only oracles read it.
+    """
+
+    support_x: Tensor  # (B, N, *x_shape)
+    support_y: Tensor  # (B, N, *y_shape)
+    query_x: Tensor  # (B, M, *x_shape)
+    query_y: Tensor  # (B, M, *y_shape)
+    info: Tensor | None = None  # (B, D)
+
+    @property
+    def support(self) -> tuple[Tensor, Tensor]:
+        return self.support_x, self.support_y
+
+    def task(self, i: int) -> "TaskBatch":
+        """Task ``i`` alone, without the batch dimension."""
+        info = None if self.info is None else self.info[i]
+        return TaskBatch(self.support_x[i], self.support_y[i], self.query_x[i], self.query_y[i], info)
+
+
+# --------------------------------------------------------------------------- the algorithm
+
+
+def sgd_update(params: Params, grads: Params, inner_lrs: dict[str, Tensor | float]) -> Params:
+    """theta' = theta - alpha * grad (eq. 1), alpha per parameter tensor or per coordinate."""
+    return {name: p - inner_lrs[name] * grads[name] for name, p in params.items()}
+
+
+def adapt(
+    task_loss: TaskLoss,
+    params: Params,
+    support: tuple[Tensor, Tensor],
+    inner_lrs: dict[str, Tensor | float],
+    steps: int,
+    first_order: bool,
+) -> Params:
+    """Inner loop: ``steps`` gradient steps on the support loss, as a pure function.
+
+    ``task_loss(params, x, y)`` is one task's loss, or a vector of per-task losses
+    when ``params`` carry a leading task dimension; the gradient of their sum with
+    respect to the per-task copies is then every task's own gradient.
+    Second order keeps the graph of each gradient (``create_graph``) so the
+    meta-gradient flows through it; first order does not.
+    """
+    x, y = support
+    with torch.enable_grad():
+        params = {n: p if p.requires_grad else p.detach().requires_grad_() for n, p in params.items()}
+        for _ in range(steps):
+            loss = task_loss(params, x, y).sum()
+            grads = torch.autograd.grad(
+                loss, tuple(params.values()), create_graph=not first_order, materialize_grads=True
+            )
+            params = sgd_update(params, dict(zip(params, grads)), inner_lrs)
+    return params
+
+
+def query_loss_after_adaptation(
+    task_loss: TaskLoss,
+    params: Params,
+    tasks: TaskBatch,
+    inner_lrs: dict[str, Tensor | float],
+    steps: int,
+    first_order: bool,
+) -> Tensor:
+    """L_{T_i}^{query}(f_{theta'_i}): the query loss of the adapted parameters."""
+    adapted = adapt(task_loss, params, tasks.support, inner_lrs, steps, first_order)
+    return task_loss(adapted, tasks.query_x, tasks.query_y)
+
+
+def per_task_copies(params: Params, n_tasks: int) -> Params:
+    """theta expanded to (B, *shape) for every task: views, no copy; each task's gradient lands in its slice."""
+    return {n: p.expand(n_tasks, *p.shape) for n, p in params.items()}
+
+
+def meta_objective_batched(
+    task_loss: TaskLoss, params: Params, tasks: TaskBatch, inner_lrs, steps: int, first_order: bool
+) -> Tensor:
+    """Mean query loss over the meta-batch, every task adapted in one vmapped call."""
+    per_task = per_task_copies(params, tasks.support_x.shape[0])
+    losses = query_loss_after_adaptation(vmap(task_loss), per_task, tasks, inner_lrs, steps, first_order)
+    return losses.mean()  # (B,) -> ()
+
+
+def meta_objective_looped(
+    task_loss: TaskLoss, params: Params, tasks: TaskBatch, inner_lrs, steps: int, first_order: bool
+) -> Tensor:
+    """Mean query loss over the meta-batch, one task at a time (the reference)."""
+    n_tasks = tasks.support_x.shape[0]
+    losses = [
+        query_loss_after_adaptation(task_loss, params, tasks.task(i), inner_lrs, steps, first_order)
+        for i in range(n_tasks)
+    ]
+    return torch.stack(losses).mean()
+
+
+def functional_loss(module: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor]) -> TaskLoss:
+    """``(params, x, y) -> loss_fn(module(x) with params, y)``; buffers are the module's own."""
+    buffers = dict(module.named_buffers())
+
+    def task_loss(params: Params, x: Tensor, y: Tensor) -> Tensor:
+        return loss_fn(functional_call(module, {**buffers, **params}, (x,)), y)
+
+    return task_loss
+
+
+# --------------------------------------------------------------------------- the user-facing class
+
+LEARN_INNER_LR = (False, True, "per_tensor", "per_element")
+BATCHED = ("auto", True, False)
+
+# Layers the batched (vmap) path is measured to lose on, or to get wrong (BENCHMARKS.md):
+# vmap is 7x faster than a per-task loop on the sinusoid MLP, 4x slower on the
+# Omniglot conv net on 2 CPU cores, and its batch-norm meta-gradients were off.
+_LOOP_LAYERS = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.RNNBase)
+
+
+def prefers_batched(module: nn.Module) -> bool:
+    """The measured choice: vmap over tasks unless the model has conv, norm or RNN layers."""
+    return not any(isinstance(m, _LOOP_LAYERS) for m in module.modules())
+
+
+class MAML(nn.Module):
+    """MAML around an ordinary ``nn.Module``.
+
+    Args:
+        model: the learner f_theta; its parameters are the meta-parameters theta.
+        loss_fn: ``loss_fn(predictions, targets) -> scalar``, e.g. ``F.mse_loss``.
+        inner_lr: alpha, the inner-loop step size (initial value if learned).
+        inner_steps: gradient steps of the inner loop at meta-training.
+        first_order: FOMAML (drop second derivatives) when True.
+        learn_inner_lr: False for a fixed alpha; True or ``"per_tensor"`` learns one
+            alpha per parameter tensor, ``"per_element"`` one per coordinate
+            (Meta-SGD, Li et al. 2017).
+        batched: ``True`` adapts the meta-batch in one vmapped call, ``False`` loops
+            over tasks, ``"auto"`` picks what measured faster for the model's layers.
+
+    Example::
+
+        model = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 1))
+        maml = MAML(model, F.mse_loss, inner_lr=0.01, inner_steps=1)
+        opt = torch.optim.Adam(maml.parameters(), lr=1e-3)
+        for tasks in task_batches:           # TaskBatch, tensors (B, N, ...)
+            opt.zero_grad()
+            maml.meta_loss(tasks).backward()
+            opt.step()
+        adapted = maml.adapt((x_support, y_support), steps=10)
+        y_pred = maml(x_query, adapted)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        inner_lr: float = 0.01,
+        inner_steps: int = 1,
+        first_order: bool = False,
+        learn_inner_lr: bool | str = False,
+        batched: bool | str = "auto",
+    ):
+        super().__init__()
+        if not inner_lr >= 0:
+            raise ValueError(f"inner_lr must be >= 0, got {inner_lr}")
+        if not (isinstance(inner_steps, int) and inner_steps >= 0):
+            raise ValueError(f"inner_steps must be an integer >= 0, got {inner_steps!r}")
+        if learn_inner_lr not in LEARN_INNER_LR:
+            raise ValueError(f"learn_inner_lr must be one of {LEARN_INNER_LR}, got {learn_inner_lr!r}")
+        if batched not in BATCHED:
+            raise ValueError(f"batched must be one of {BATCHED}, got {batched!r}")
+        self.module = model
+        self.loss_fn = loss_fn
+        self.inner_lr = float(inner_lr)
+        self.inner_steps = inner_steps
+        self.first_order = first_order
+        self.batched = prefers_batched(model) if batched == "auto" else batched
+        self.inner_lrs = nn.ParameterList()  # learned alphas, in the order of named_parameters
+        if learn_inner_lr:
+            for p in model.parameters():
+                shape = p.shape if learn_inner_lr == "per_element" else ()
+                self.inner_lrs.append(nn.Parameter(torch.full(shape, self.inner_lr, dtype=p.dtype)))
+        self._task_loss = functional_loss(model, loss_fn)
+
+    def meta_parameters(self) -> Params:
+        """theta, as a dict of the model's own parameter tensors (gradients flow to them)."""
+        return dict(self.module.named_parameters())
+
+    def step_sizes(self) -> dict[str, Tensor | float]:
+        """alpha for every parameter tensor: learned tensors, or the fixed float."""
+        names = [n for n, _ in self.module.named_parameters()]
+        if len(self.inner_lrs):
+            return dict(zip(names, self.inner_lrs))
+        return dict.fromkeys(names, self.inner_lr)
+
+    def adapt(
+        self, support: tuple[Tensor, Tensor], steps: int | None = None, first_order: bool | None = None
+    ) -> Params:
+        """Adapted parameters theta' for one task's support set ``(x, y)``."""
+        steps = self.inner_steps if steps is None else steps
+        first_order = self.first_order if first_order is None else first_order
+        return adapt(self._task_loss, self.meta_parameters(), support, self.step_sizes(), steps, first_order)
+
+    def forward(self, x: Tensor, params: Params | None = None) -> Tensor:
+        """f_theta(x), or f_{theta'}(x) with adapted ``params`` from ``adapt``."""
+        if params is None:
+            return self.module(x)
+        return functional_call(self.module, {**dict(self.module.named_buffers()), **params}, (x,))
+
+    def meta_loss(self, tasks: TaskBatch, steps: int | None = None, first_order: bool | None = None) -> Tensor:
+        """The meta-objective: mean query loss after adapting to each task's support set."""
+        steps = self.inner_steps if steps is None else steps
+        first_order = self.first_order if first_order is None else first_order
+        objective = meta_objective_batched if self.batched else meta_objective_looped
+        return objective(self._task_loss, self.meta_parameters(), TaskBatch(*tasks), self.step_sizes(), steps, first_order)
+
+    def training_loss(self, tasks: TaskBatch) -> Tensor:
+        """What the outer optimizer minimises at meta-training: the meta-objective."""
+        return self.meta_loss(tasks)
+
+    @torch.no_grad()
+    def adaptation_curve(self, tasks: TaskBatch, max_steps: int, inner_lr: float | None = None) -> list[Tensor]:
+        """Query predictions after 0, 1, ..., ``max_steps`` inner steps, for evaluation.
+
+        No meta-gradient is kept. Returns ``max_steps + 1`` tensors (B, M, *y_shape).
+        """
+        lrs = self.step_sizes() if inner_lr is None else dict.fromkeys(self.meta_parameters(), float(inner_lr))
+        lrs = {n: lr.detach() if isinstance(lr, Tensor) else lr for n, lr in lrs.items()}
+        theta = {n: p.detach() for n, p in self.meta_parameters().items()}
+        if self.batched:
+            return _curve(vmap(self._task_loss), vmap(self.forward), per_task_copies(theta, len(tasks.support_x)), tasks, lrs, max_steps)
+        per_task = [_curve(self._task_loss, self.forward, theta, tasks.task(i), lrs, max_steps) for i in range(len(tasks.support_x))]
+        return [torch.stack(step) for step in zip(*per_task)]
+
+
+def _curve(task_loss: TaskLoss, forward, params: Params, tasks: TaskBatch, lrs, max_steps: int) -> list[Tensor]:
+    predictions = [forward(tasks.query_x, params)]
+    for _ in range(max_steps):
+        params = {n: p.detach() for n, p in adapt(task_loss, params, tasks.support, lrs, 1, True).items()}
+        predictions.append(forward(tasks.query_x, params))
+    return predictions

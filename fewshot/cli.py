@@ -1,0 +1,117 @@
+"""``python -m fewshot`` / ``fewshot``: train, eval, plot, presets.
+
+Exit status: 0 done, 1 training diverged, 2 bad input (one line naming the
+argument and the allowed values), 130 interrupted with a checkpoint written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fewshot import config as cfg
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fewshot", description="Meta-learning on PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="meta-train a preset into a run directory")
+    train.add_argument("preset", metavar="PRESET", help=f"one of: {', '.join(cfg.PRESETS)}")
+    train.add_argument("--out", type=Path, help="run directory (default: runs/PRESET)")
+    train.add_argument("--iterations", type=int, help="meta-iterations (overrides the preset)")
+    train.add_argument("--seed", type=int, help="seed of weights and task stream (overrides the preset)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (see `fewshot presets`)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    evaluate = sub.add_parser("eval", help="evaluate runs on the fixed meta-test tasks")
+    evaluate.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object per run instead of the table")
+
+    plot = sub.add_parser("plot", help="draw the paper's Figures 2 and 3 for one or more runs")
+    plot.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    plot.add_argument("--out", type=Path, help="folder for the PNGs (default: the first RUN_DIR)")
+
+    sub.add_parser("presets", help="list presets and config keys")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except cfg.ConfigError as e:
+        print(f"fewshot {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _train(args) -> int:
+    from fewshot.train import TrainingDiverged, TrainingInterrupted, prepare_run_dir, train
+
+    flags = [f"{k}={v}" for k, v in (("iterations", args.iterations), ("seed", args.seed)) if v is not None]
+    config = cfg.with_overrides(cfg.preset(args.preset), args.set + flags)
+    explicit = {a.partition("=")[0] for a in args.set + flags}
+    run_dir = args.out or Path("runs") / args.preset
+    config = prepare_run_dir(run_dir, config, args.resume, {k: getattr(config, k) for k in explicit})
+    try:
+        train(run_dir, config, resume=args.resume, progress=not args.no_progress)
+    except TrainingInterrupted as e:
+        print(f"fewshot train: {e}", file=sys.stderr)
+        return 130
+    except TrainingDiverged as e:
+        print(f"fewshot train: error: {e}", file=sys.stderr)
+        return 1
+    print(f"trained {args.preset} for {config.iterations} iterations: {run_dir}")
+    return 0
+
+
+def _evaluated_runs(run_dirs: list[Path]) -> dict[str, tuple]:
+    """name -> (config, method, result) for every run, results saved into each run directory."""
+    from fewshot import evaluate
+    from fewshot.train import load_run
+
+    runs = {}
+    for run_dir in run_dirs:
+        config, method, state = load_run(run_dir)
+        result = evaluate.evaluate(method, config)
+        evaluate.save(result, run_dir, state["iteration"])
+        name = run_dir.name if run_dir.name and run_dir.name not in runs else str(run_dir)
+        runs[name] = (config, method, result)
+    return runs
+
+
+def _eval(args) -> int:
+    from fewshot.evaluate import markdown_table
+
+    results = {name: result for name, (_, _, result) in _evaluated_runs(args.run_dirs).items()}
+    if args.json:
+        for result in results.values():
+            print(json.dumps(result))
+    else:
+        print(markdown_table(results))
+    return 0
+
+
+def _plot(args) -> int:
+    from fewshot import plots
+
+    runs = _evaluated_runs(args.run_dirs)
+    out = args.out or args.run_dirs[0]
+    out.mkdir(parents=True, exist_ok=True)
+    fits = plots.figure2({name: (config, method) for name, (config, method, _) in runs.items()}, out)
+    curves = plots.figure3({name: result for name, (_, _, result) in runs.items()}, out)
+    for path in (fits, curves):
+        print(f"wrote {path}")
+    return 0
+
+
+def _presets(args) -> int:
+    print(cfg.describe())
+    return 0
+
+
+_COMMANDS = {"train": _train, "eval": _eval, "plot": _plot, "presets": _presets}

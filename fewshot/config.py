@@ -1,0 +1,176 @@
+"""Run configuration: one dataclass, named presets, ``--set key=value`` overrides, TOML files.
+
+Every field carries its help text; the CLI lists them (``fewshot presets``) and
+parses overrides by the field's type, so a config is data, never code: it is
+written as TOML and read back with ``tomllib``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+METHODS = ("maml", "pretrained", "oracle")
+LEARN_INNER_LR = ("none", "per_tensor", "per_element")
+BATCHED = ("auto", "yes", "no")
+
+
+class ConfigError(ValueError):
+    """Bad configuration input; the message names the key and what is allowed."""
+
+
+def _f(default, help: str, **checks):
+    return field(default=default, metadata={"help": help, **checks})
+
+
+@dataclass(frozen=True)
+class Config:
+    """Sinusoid regression, Finn et al. 2017 section 5.1; defaults are the paper's."""
+
+    method: str = _f("maml", "algorithm: maml (with first_order for FOMAML), pretrained or oracle", choices=METHODS)
+    k_shot: int = _f(10, "support points per task at meta-training (K)", min=1)
+    n_query: int = _f(10, "query points per task at meta-training", min=1)
+    meta_batch: int = _f(25, "tasks per meta-iteration", min=1)
+    hidden: tuple[int, ...] = _f((40, 40), "hidden layer widths of the ReLU MLP", min=1)
+    inner_lr: float = _f(0.01, "inner-loop step size alpha (fine-tuning step size of the baselines)", min=0.0)
+    inner_steps: int = _f(1, "inner gradient steps at meta-training", min=0)
+    first_order: bool = _f(False, "first-order MAML: drop second derivatives")
+    learn_inner_lr: str = _f("none", "learn alpha (Meta-SGD): none, per_tensor or per_element", choices=LEARN_INNER_LR)
+    tune_inner_lr: bool = _f(False, "pick the fine-tuning step size on meta-val tasks (the paper's pretrained baseline)")
+    batched: str = _f("auto", "adapt the meta-batch in one vmapped call: auto (measured choice), yes, no", choices=BATCHED)
+    outer_lr: float = _f(1e-3, "Adam step size of the outer loop", min=0.0)
+    iterations: int = _f(70_000, "meta-iterations (the paper's code: 70,000)", min=1)
+    seed: int = _f(0, "seed of the initial weights and of the meta-training task stream", min=0)
+    val_every: int = _f(1000, "iterations between validations, metrics rows and checkpoints", min=1)
+    n_val_tasks: int = _f(200, "fixed meta-validation tasks", min=1)
+    n_test_tasks: int = _f(600, "fixed meta-test tasks (the same for every method and run)", min=1)
+    eval_shots: tuple[int, ...] = _f((5, 10, 20), "K values evaluated at meta-test", min=1, max=20)
+    eval_steps: int = _f(10, "evaluate after 0..eval_steps inner steps", min=0)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            _check(f, getattr(self, f.name))
+
+
+PRESETS: dict[str, dict] = {
+    "sine-maml": {},
+    "sine-fomaml": {"first_order": True},
+    "sine-metasgd": {"learn_inner_lr": "per_element"},
+    "sine-pretrained": {"method": "pretrained", "tune_inner_lr": True},
+    "sine-oracle": {"method": "oracle"},
+}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
+    return Config(**PRESETS[name])
+
+
+def _check(f: dataclasses.Field, value) -> None:
+    meta = f.metadata
+    values = value if isinstance(value, tuple) else (value,)
+    if isinstance(value, tuple) and not value:
+        raise ConfigError(f"{f.name}: needs at least one value")
+    for v in values:
+        if "choices" in meta and v not in meta["choices"]:
+            raise ConfigError(f"{f.name}={v!r}: allowed values are {', '.join(meta['choices'])}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{f.name}={v}: must be a finite number")
+        if "min" in meta and v < meta["min"]:
+            raise ConfigError(f"{f.name}={v}: must be >= {meta['min']}")
+        if "max" in meta and v > meta["max"]:
+            raise ConfigError(f"{f.name}={v}: must be <= {meta['max']}")
+
+
+def _parse_value(f: dataclasses.Field, text: str):
+    kind = type(f.default)
+    try:
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes")
+        if kind is tuple:
+            return tuple(int(part) for part in text.split(","))
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"{f.name}={text!r}: expected {_type_name(f)}") from None
+
+
+def _type_name(f: dataclasses.Field) -> str:
+    kind = type(f.default)
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        kind, "comma-separated integers"
+    )
+
+
+def with_overrides(config: Config, assignments: list[str]) -> Config:
+    """Apply ``key=value`` strings; unknown keys and bad values raise ConfigError."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    changes = {}
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {assignment!r}: expected key=value")
+        if key not in fields:
+            raise ConfigError(f"--set {key}: unknown key; allowed: {', '.join(fields)}")
+        changes[key] = _parse_value(fields[key], text)
+    return dataclasses.replace(config, **changes)
+
+
+def describe() -> str:
+    """Every key with its default and help, for ``fewshot presets``."""
+    lines = [f"  {f.name} = {_toml_value(f.default)}: {f.metadata['help']}" for f in dataclasses.fields(Config)]
+    presets = [f"  {name}: {overrides or 'the defaults'}" for name, overrides in PRESETS.items()]
+    return "presets:\n" + "\n".join(presets) + "\n\nkeys (--set key=value):\n" + "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- TOML
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def to_toml(config: Config) -> str:
+    return "".join(f"{k} = {_toml_value(v)}\n" for k, v in dataclasses.asdict(config).items())
+
+
+def from_toml(text: str, source: str = "config") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML ({e})") from None
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ConfigError(f"{source}: unknown keys {sorted(unknown)}; allowed: {', '.join(fields)}")
+    values = {}
+    for key, value in data.items():
+        expected = type(fields[key].default)
+        if expected is tuple and isinstance(value, list):
+            value = tuple(value)
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not expected or (expected is tuple and not all(type(v) is int for v in value)):
+            raise ConfigError(f"{source}: {key} = {value!r}: expected {_type_name(fields[key])}")
+        values[key] = value
+    return Config(**values)
+
+
+def load(path: Path) -> Config:
+    return from_toml(path.read_text(), source=str(path))

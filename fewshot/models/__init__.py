@@ -1,0 +1,5 @@
+"""Learner networks."""
+
+from fewshot.models.mlp import mlp
+
+__all__ = ["mlp"]

@@ -1,0 +1,75 @@
+"""The sinusoid figures of Finn et al. 2017: Figure 2 (fits after adaptation) and Figure 3 (error vs steps)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fewshot import experiment
+from fewshot.algorithms import TaskBatch
+from fewshot.tasks.sinusoid import X_RANGE, Sinusoids, with_shots
+
+FIGURE_STEPS = (0, 1, 10)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def figure2(runs: dict[str, tuple], out: Path, task_index: int = 0, shots: tuple[int, ...] = (5, 10)) -> Path:
+    """One panel per (run, K): the true curve, the K support points, predictions after 0, 1, 10 steps."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(shots), len(runs), figsize=(4.5 * len(runs), 3.2 * len(shots)), squeeze=False)
+    grid = torch.linspace(*X_RANGE, 200).reshape(1, 200, 1)
+    for col, (name, (config, method)) in enumerate(runs.items()):
+        test = experiment.test_tasks(config)
+        task = Sinusoids(test.info[task_index : task_index + 1, 0], test.info[task_index : task_index + 1, 1])
+        for row, k in enumerate(shots):
+            one = with_shots(test, k)
+            dense = TaskBatch(one.support_x[task_index : task_index + 1], one.support_y[task_index : task_index + 1], grid, task(grid), test.info[task_index : task_index + 1])
+            curve = method.adaptation_curve(dense, max(FIGURE_STEPS))
+            ax = axes[row][col]
+            ax.plot(grid[0, :, 0], dense.query_y[0, :, 0], color="tab:red", label="ground truth")
+            for step, style in zip(FIGURE_STEPS, (":", "--", "-")):
+                ax.plot(grid[0, :, 0], curve[step][0, :, 0], style, color="tab:green", label=f"after {step} step{'s' * (step != 1)}")
+            ax.scatter(dense.support_x[0, :, 0], dense.support_y[0, :, 0], marker="^", color="tab:purple", zorder=3, label="support points")
+            ax.set_title(f"{name}, K={k}")
+            ax.set_ylim(-6, 6)
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    path = Path(out) / "figure2_fits.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def figure3(results: dict[str, dict], out: Path) -> Path:
+    """MSE against the number of inner steps at meta-test, one panel per K, one line per run."""
+    plt = _pyplot()
+    shots = list(next(iter(results.values()))["by_shot"])
+    fig, axes = plt.subplots(1, len(shots), figsize=(4.2 * len(shots), 3.4), squeeze=False)
+    for ax, k in zip(axes[0], shots):
+        for name, result in results.items():
+            curve = result["by_shot"][k]
+            steps = [p["step"] for p in curve]
+            mean = torch.tensor([p["mean"] for p in curve])
+            ci = torch.tensor([p["ci95"] for p in curve])
+            ax.plot(steps, mean, marker="o", markersize=3, label=name)
+            ax.fill_between(steps, mean - ci, mean + ci, alpha=0.2)
+        ax.set_title(f"K = {k}")
+        ax.set_xlabel("gradient steps at meta-test")
+        ax.set_ylabel("mean squared error")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(out) / "figure3_learning_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

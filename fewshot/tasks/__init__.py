@@ -1,0 +1,1 @@
+"""Task distributions: what a task is, how tasks are sampled and split."""

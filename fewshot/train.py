@@ -1,0 +1,185 @@
+"""The meta-training loop: sample a meta-batch, step the outer optimizer, validate, checkpoint.
+
+A run directory holds ``config.toml`` (the resolved config), ``checkpoint.pt``
+(weights, optimizer state and every random state, written atomically),
+``metrics.csv`` (one row per validation). ``resume`` continues from the
+checkpoint to the same final parameters, bit for bit, as an uninterrupted run.
+Ctrl-C finishes the current iteration, writes a checkpoint and stops; a NaN or
+infinite loss or gradient stops the run before the bad step is applied, keeping
+the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import signal
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fewshot import experiment
+from fewshot.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from fewshot.config import Config, ConfigError, load, to_toml
+
+CONFIG_FILE, CHECKPOINT_FILE, METRICS_FILE = "config.toml", "checkpoint.pt", "metrics.csv"
+METRICS_COLUMNS = ("iteration", "train_loss", "val_mse", "seconds", "iterations_per_second")
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C: a checkpoint was written; ``--resume`` continues."""
+
+
+class TrainingDiverged(Exception):
+    """A non-finite loss or gradient; the message names the iteration and the kept checkpoint."""
+
+
+def load_run(run_dir: Path) -> tuple[Config, nn.Module, dict]:
+    """The config, the method with the checkpoint's weights, and the checkpoint itself."""
+    run_dir = Path(run_dir)
+    for name in (CONFIG_FILE, CHECKPOINT_FILE):
+        if not (run_dir / name).is_file():
+            raise ConfigError(f"run directory {run_dir}: no {name} (train a run there first)")
+    config = load(run_dir / CONFIG_FILE)
+    state = load_checkpoint(run_dir / CHECKPOINT_FILE)
+    method = experiment.build_method(config)
+    method.load_state_dict(state["method"])
+    return config, method, state
+
+
+def prepare_run_dir(run_dir: Path, config: Config | None, resume: bool, overrides: dict) -> Config:
+    """Write the config of a new run, or read and extend the config of a run to resume."""
+    run_dir = Path(run_dir)
+    if resume:
+        if not (run_dir / CHECKPOINT_FILE).is_file():
+            raise ConfigError(f"--resume: no {CHECKPOINT_FILE} in {run_dir}")
+        stored = load(run_dir / CONFIG_FILE)
+        changed = sorted(k for k, v in overrides.items() if getattr(stored, k) != v and k != "iterations")
+        if changed:
+            raise ConfigError(f"--resume: cannot change {', '.join(changed)} of an existing run (only --iterations)")
+        config = Config(**{**stored.__dict__, "iterations": overrides.get("iterations", stored.iterations)})
+    else:
+        if (run_dir / CHECKPOINT_FILE).exists():
+            raise ConfigError(f"--out {run_dir}: holds a run already; pass --resume or choose another --out")
+        run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / CONFIG_FILE, to_toml(config))
+    return config
+
+
+def train(run_dir: Path, config: Config, resume: bool = False, progress: bool = True) -> nn.Module:
+    """Meta-train ``config`` in ``run_dir`` (already prepared); returns the trained method."""
+    run_dir = Path(run_dir)
+    method = experiment.build_method(config)  # seeds the initial weights from config.seed
+    optimizer = torch.optim.Adam(method.parameters(), lr=config.outer_lr)
+    task_stream = torch.Generator().manual_seed(config.seed)
+    start = 0
+    if resume:
+        state = load_checkpoint(run_dir / CHECKPOINT_FILE)
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        task_stream.set_state(state["task_stream"])
+        torch.set_rng_state(state["torch_rng"])
+        start = state["iteration"]
+    metrics = _MetricsLog(run_dir / METRICS_FILE, keep_until=start)
+    val_tasks = experiment.validation_tasks(config)
+
+    def checkpoint(iteration: int) -> None:
+        save_checkpoint(
+            run_dir / CHECKPOINT_FILE,
+            {
+                "iteration": iteration,
+                "method": method.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "task_stream": task_stream.get_state(),
+                "torch_rng": torch.get_rng_state(),
+            },
+        )
+
+    bar = _progress(progress, start, config.iterations)
+    losses, t0, last_checkpoint = [], time.perf_counter(), start
+    with _CtrlC() as ctrl_c:
+        for iteration in range(start + 1, config.iterations + 1):
+            loss = method.training_loss(experiment.training_batch(config, task_stream))
+            optimizer.zero_grad(set_to_none=True)
+            if torch.isfinite(loss):
+                loss.backward()
+            if not (torch.isfinite(loss) and _gradients_finite(method)):
+                bar.close()
+                what = f"non-finite gradient (loss {loss.item():.4g})" if torch.isfinite(loss) else f"loss {loss.item()}"
+                raise TrainingDiverged(
+                    f"training diverged at iteration {iteration}: {what}; "
+                    f"the last good checkpoint ({run_dir / CHECKPOINT_FILE}, iteration {last_checkpoint}) is kept. "
+                    "Lower inner_lr or outer_lr."
+                )
+            optimizer.step()
+            losses.append(loss.item())
+            bar.update(1)
+            if iteration % config.val_every == 0 or iteration == config.iterations:
+                val = experiment.validation_mse(method, config, val_tasks)
+                seconds = time.perf_counter() - t0
+                metrics.append(iteration, sum(losses) / len(losses), val, seconds, len(losses) / seconds)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", val_mse=f"{val:.3f}")
+                losses, t0 = [], time.perf_counter()
+                checkpoint(iteration)
+                last_checkpoint = iteration
+            if ctrl_c.pressed:
+                checkpoint(iteration)
+                bar.close()
+                raise TrainingInterrupted(
+                    f"interrupted at iteration {iteration}; checkpoint written to {run_dir / CHECKPOINT_FILE}. "
+                    "Continue with --resume."
+                )
+    bar.close()
+    return method
+
+
+def _gradients_finite(method: nn.Module) -> bool:
+    grads = [p.grad for p in method.parameters() if p.grad is not None]
+    return bool(torch.isfinite(torch.stack([g.sum() for g in grads])).all()) if grads else True
+
+
+class _CtrlC:
+    """SIGINT sets a flag instead of raising mid-iteration (so no half-applied optimizer step)."""
+
+    pressed = False
+
+    def __enter__(self):
+        self._previous = signal.getsignal(signal.SIGINT)
+        try:
+            signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave Ctrl-C alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.pressed = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+class _MetricsLog:
+    """metrics.csv, rewritten atomically; rows past the checkpoint being resumed are dropped."""
+
+    def __init__(self, path: Path, keep_until: int):
+        self.path = path
+        self.rows: list[list] = []
+        if keep_until and path.is_file():
+            with open(path, newline="") as f:
+                self.rows = [r for r in list(csv.reader(f))[1:] if int(r[0]) <= keep_until]
+
+    def append(self, *row) -> None:
+        self.rows.append([row[0], *(f"{v:.6g}" for v in row[1:])])
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerows([METRICS_COLUMNS, *self.rows])
+        atomic_write_text(self.path, text.getvalue())
+
+
+def _progress(enabled: bool, start: int, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, unit="it", dynamic_ncols=True, desc="meta-train")
