@@ -78,8 +78,14 @@ def adapt(
     meta-gradient flows through it; first order does not.
     """
     x, y = support
+    keep_graph = torch.is_grad_enabled()  # under no_grad: values only, but the inner loop still differentiates
     with torch.enable_grad():
-        params = {n: p if p.requires_grad else p.detach().requires_grad_() for n, p in params.items()}
+        # A new leaf must own its memory: an expanded (stride-0) leaf, or a view made under
+        # no_grad, would get one gradient shared by every task, so it is copied first.
+        params = {
+            n: p if keep_graph and p.requires_grad else p.detach().contiguous().requires_grad_()
+            for n, p in params.items()
+        }
         for _ in range(steps):
             loss = task_loss(params, x, y).sum()
             grads = torch.autograd.grad(
