@@ -74,7 +74,7 @@ def train(run_dir: Path, config: Config, resume: bool = False, progress: bool = 
     method = experiment.build_method(config)  # seeds the initial weights from config.seed
     optimizer = torch.optim.Adam(method.parameters(), lr=config.outer_lr)
     task_stream = torch.Generator().manual_seed(config.seed)
-    start = 0
+    start, interval_losses = 0, []
     if resume:
         state = load_checkpoint(run_dir / CHECKPOINT_FILE)
         method.load_state_dict(state["method"])
@@ -82,6 +82,7 @@ def train(run_dir: Path, config: Config, resume: bool = False, progress: bool = 
         task_stream.set_state(state["task_stream"])
         torch.set_rng_state(state["torch_rng"])
         start = state["iteration"]
+        interval_losses = state["interval_losses"]
     metrics = _MetricsLog(run_dir / METRICS_FILE, keep_until=start)
     val_tasks = experiment.validation_tasks(config)
 
@@ -94,11 +95,12 @@ def train(run_dir: Path, config: Config, resume: bool = False, progress: bool = 
                 "optimizer": optimizer.state_dict(),
                 "task_stream": task_stream.get_state(),
                 "torch_rng": torch.get_rng_state(),
+                "interval_losses": losses,  # training losses since the last metrics row
             },
         )
 
     bar = _progress(progress, start, config.iterations)
-    losses, t0, last_checkpoint = [], time.perf_counter(), start
+    losses, t0, last_checkpoint = interval_losses, time.perf_counter(), start
     with _CtrlC() as ctrl_c:
         for iteration in range(start + 1, config.iterations + 1):
             loss = method.training_loss(experiment.training_batch(config, task_stream))

@@ -1,0 +1,88 @@
+"""The command line: a tiny real run end to end, and every bad input exits 2 with one line naming it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fewshot.cli import main
+
+TINY = ["--iterations", "20", "--set", "val_every=10", "--set", "n_val_tasks=10", "--set", "n_test_tasks=30", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    for preset in ("sine-maml", "sine-pretrained", "sine-oracle"):
+        assert main(["train", preset, "--out", str(root / preset), *TINY]) == 0
+    return root
+
+
+def test_run_directory_holds_config_checkpoint_and_metrics(runs):
+    files = {p.name for p in (runs / "sine-maml").iterdir()}
+    assert {"config.toml", "checkpoint.pt", "metrics.csv"} <= files
+    rows = (runs / "sine-maml" / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "iteration,train_loss,val_mse,seconds,iterations_per_second" and len(rows) == 3
+    assert "iterations = 20" in (runs / "sine-maml" / "config.toml").read_text()
+
+
+def test_eval_json_has_the_documented_fields(runs, capsys):
+    assert main(["eval", str(runs / "sine-maml"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"metric", "mean", "ci95", "n_tasks", "curve", "by_shot"} <= set(result)
+    assert result["metric"] == "mse" and result["n_tasks"] == 30 and len(result["curve"]) == 11
+    assert set(result["by_shot"]) == {"5", "10", "20"}
+    assert (runs / "sine-maml" / "eval.csv").read_text().startswith("k_shot,step,mse_mean,mse_ci95,n_tasks")
+
+
+def test_eval_table_and_plots_for_several_runs(runs, capsys):
+    dirs = [str(runs / p) for p in ("sine-maml", "sine-pretrained", "sine-oracle")]
+    assert main(["eval", *dirs]) == 0
+    table = capsys.readouterr().out
+    assert "| sine-pretrained | 5 |" in table and "| sine-oracle | 20 |" in table
+    assert main(["plot", *dirs, "--out", str(runs / "plots")]) == 0
+    for name in ("figure2_fits.png", "figure3_learning_curves.png"):
+        assert (runs / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_extends_a_finished_run(runs, tmp_path):
+    out = str(tmp_path / "extend")
+    assert main(["train", "sine-fomaml", "--out", out, *TINY]) == 0
+    assert main(["train", "sine-fomaml", "--out", out, "--resume", "--iterations", "30", "--no-progress"]) == 0
+    assert (tmp_path / "extend" / "metrics.csv").read_text().splitlines()[-1].startswith("30,")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "sine"], "unknown preset 'sine'; allowed: sine-maml"),
+        (["train", "sine-maml", "--set", "k_shot=0"], "k_shot=0: must be >= 1"),
+        (["train", "sine-maml", "--set", "inner_lr=-1"], "inner_lr=-1.0: must be >= 0"),
+        (["train", "sine-maml", "--set", "colour=red"], "--set colour: unknown key; allowed:"),
+        (["train", "sine-maml", "--iterations", "0"], "iterations=0: must be >= 1"),
+        (["eval", "no/such/run"], "run directory no/such/run: no config.toml"),
+        (["plot", "no/such/run"], "run directory no/such/run: no config.toml"),
+    ],
+)
+def test_bad_input_exits_2_naming_the_argument(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "runs").exists()  # nothing half-written
+
+
+def test_existing_run_needs_resume_and_resume_cannot_change_the_config(runs, capsys):
+    out = str(runs / "sine-maml")
+    assert main(["train", "sine-maml", "--out", out, *TINY]) == 2
+    assert "holds a run already; pass --resume" in capsys.readouterr().err
+    assert main(["train", "sine-maml", "--out", out, "--resume", "--set", "k_shot=5"]) == 2
+    assert "cannot change k_shot of an existing run" in capsys.readouterr().err
+
+
+def test_module_entry_point_exit_status():
+    proc = subprocess.run([sys.executable, "-m", "fewshot", "train", "nope"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown preset 'nope'" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "fewshot", "frobnicate"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr

@@ -1,0 +1,48 @@
+import pytest
+
+from fewshot import config as cfg
+
+
+def test_presets_resolve_and_round_trip_through_toml():
+    for name in cfg.PRESETS:
+        config = cfg.preset(name)
+        assert cfg.from_toml(cfg.to_toml(config)) == config
+    assert cfg.preset("sine-fomaml").first_order and cfg.preset("sine-pretrained").method == "pretrained"
+
+
+def test_overrides_parse_by_type():
+    config = cfg.with_overrides(cfg.preset("sine-maml"), ["k_shot=5", "inner_lr=0.1", "first_order=true", "hidden=20,20,20"])
+    assert (config.k_shot, config.inner_lr, config.first_order, config.hidden) == (5, 0.1, True, (20, 20, 20))
+
+
+@pytest.mark.parametrize(
+    "assignment, message",
+    [
+        ("k_shot=0", "k_shot=0: must be >= 1"),
+        ("inner_lr=-0.5", "inner_lr=-0.5: must be >= 0"),
+        ("outer_lr=nan", "outer_lr=nan: must be a finite number"),
+        ("colour=red", "--set colour: unknown key; allowed: method, k_shot"),
+        ("method=reptile", "method='reptile': allowed values are maml, pretrained, oracle"),
+        ("k_shot=three", "k_shot='three': expected an integer"),
+        ("first_order=maybe", "expected true or false"),
+        ("eval_shots=5,30", "eval_shots=30: must be <= 20"),
+        ("k_shot", "expected key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key_and_allowed_values(assignment, message):
+    with pytest.raises(cfg.ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        cfg.with_overrides(cfg.preset("sine-maml"), [assignment])
+
+
+def test_config_file_is_parsed_not_executed():
+    with pytest.raises(cfg.ConfigError, match="unknown keys"):
+        cfg.from_toml('__import__ = "os"\n')
+    with pytest.raises(cfg.ConfigError, match="k_shot = '5': expected an integer"):
+        cfg.from_toml('k_shot = "5"\n')
+    with pytest.raises(cfg.ConfigError, match="not valid TOML"):
+        cfg.from_toml("k_shot = \n")
+
+
+def test_unknown_preset_lists_the_allowed_ones():
+    with pytest.raises(cfg.ConfigError, match="unknown preset 'sine'; allowed: sine-maml, sine-fomaml"):
+        cfg.preset("sine")
