@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, help="run directory (default: runs/PRESET)")
     train.add_argument("--iterations", type=int, help="meta-iterations (overrides the preset)")
     train.add_argument("--seed", type=int, help="seed of weights and task stream (overrides the preset)")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint (a new run if it has none)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (see `fewshot presets`)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -56,9 +56,9 @@ def _train(args) -> int:
     config = cfg.with_overrides(cfg.preset(args.preset), args.set + flags)
     explicit = {a.partition("=")[0] for a in args.set + flags}
     run_dir = args.out or Path("runs") / args.preset
-    config = prepare_run_dir(run_dir, config, args.resume, {k: getattr(config, k) for k in explicit})
+    config, resume = prepare_run_dir(run_dir, config, args.resume, {k: getattr(config, k) for k in explicit})
     try:
-        train(run_dir, config, resume=args.resume, progress=not args.no_progress)
+        train(run_dir, config, resume=resume, progress=not args.no_progress)
     except TrainingInterrupted as e:
         print(f"fewshot train: {e}", file=sys.stderr)
         return 130

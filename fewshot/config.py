@@ -21,6 +21,7 @@ else:  # pragma: no cover
 METHODS = ("maml", "pretrained", "oracle")
 LEARN_INNER_LR = ("none", "per_tensor", "per_element")
 BATCHED = ("auto", "yes", "no")
+INITS = ("torch", "maml")
 
 
 class ConfigError(ValueError):
@@ -40,6 +41,7 @@ class Config:
     n_query: int = _f(10, "query points per task at meta-training", min=1)
     meta_batch: int = _f(25, "tasks per meta-iteration", min=1)
     hidden: tuple[int, ...] = _f((40, 40), "hidden layer widths of the ReLU MLP", min=1)
+    init: str = _f("torch", "initial weights: torch (PyTorch's default) or maml (the authors' code: N(0, 0.01) truncated, zero bias)", choices=INITS)
     inner_lr: float = _f(0.01, "inner-loop step size alpha (fine-tuning step size of the baselines)", min=0.0)
     inner_steps: int = _f(1, "inner gradient steps at meta-training", min=0)
     first_order: bool = _f(False, "first-order MAML: drop second derivatives")

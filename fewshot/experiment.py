@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from fewshot.algorithms import MAML, Oracle, Pretrained, TaskBatch
 from fewshot.config import Config
-from fewshot.models import mlp
+from fewshot.models import maml_init_, mlp
 from fewshot.tasks import sinusoid
 
 TASK_INFO_FEATURES = 2  # a sinusoid's (amplitude, phase), given to the oracle only
@@ -17,9 +17,12 @@ TASK_INFO_FEATURES = 2  # a sinusoid's (amplitude, phase), given to the oracle o
 def build_method(config: Config) -> nn.Module:
     """The learner for ``config``, initialised from ``config.seed``."""
     torch.manual_seed(config.seed)
+    in_features = 1 + TASK_INFO_FEATURES if config.method == "oracle" else 1
+    model = mlp(in_features, config.hidden, 1)
+    if config.init == "maml":
+        maml_init_(model)
     if config.method == "oracle":
-        return Oracle(mlp(1 + TASK_INFO_FEATURES, config.hidden, 1), F.mse_loss)
-    model = mlp(1, config.hidden, 1)
+        return Oracle(model, F.mse_loss)
     if config.method == "pretrained":
         return Pretrained(model, F.mse_loss, finetune_lr=config.inner_lr)
     return MAML(

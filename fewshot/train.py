@@ -49,12 +49,15 @@ def load_run(run_dir: Path) -> tuple[Config, nn.Module, dict]:
     return config, method, state
 
 
-def prepare_run_dir(run_dir: Path, config: Config | None, resume: bool, overrides: dict) -> Config:
-    """Write the config of a new run, or read and extend the config of a run to resume."""
+def prepare_run_dir(run_dir: Path, config: Config, resume: bool, overrides: dict) -> tuple[Config, bool]:
+    """Write the config of a new run, or read and extend the config of a run to resume.
+
+    Returns the config to train and whether a checkpoint is resumed: ``resume``
+    without a checkpoint starts a new run, so a resumable command can be rerun.
+    """
     run_dir = Path(run_dir)
+    resume = resume and (run_dir / CHECKPOINT_FILE).is_file()
     if resume:
-        if not (run_dir / CHECKPOINT_FILE).is_file():
-            raise ConfigError(f"--resume: no {CHECKPOINT_FILE} in {run_dir}")
         stored = load(run_dir / CONFIG_FILE)
         changed = sorted(k for k, v in overrides.items() if getattr(stored, k) != v and k != "iterations")
         if changed:
@@ -65,7 +68,7 @@ def prepare_run_dir(run_dir: Path, config: Config | None, resume: bool, override
             raise ConfigError(f"--out {run_dir}: holds a run already; pass --resume or choose another --out")
         run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / CONFIG_FILE, to_toml(config))
-    return config
+    return config, resume
 
 
 def train(run_dir: Path, config: Config, resume: bool = False, progress: bool = True) -> nn.Module:

@@ -48,7 +48,7 @@ def test_eval_table_and_plots_for_several_runs(runs, capsys):
 
 def test_resume_extends_a_finished_run(runs, tmp_path):
     out = str(tmp_path / "extend")
-    assert main(["train", "sine-fomaml", "--out", out, *TINY]) == 0
+    assert main(["train", "sine-fomaml", "--out", out, "--resume", *TINY]) == 0  # no checkpoint yet: a new run
     assert main(["train", "sine-fomaml", "--out", out, "--resume", "--iterations", "30", "--no-progress"]) == 0
     assert (tmp_path / "extend" / "metrics.csv").read_text().splitlines()[-1].startswith("30,")
 

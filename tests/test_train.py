@@ -16,7 +16,7 @@ SMALL = dict(iterations=30, val_every=10, n_val_tasks=20, meta_batch=5)
 
 def run(tmp_path, name, resume=False, **fields):
     config = Config(**{**SMALL, **fields})
-    prepare_run_dir(tmp_path / name, config, resume, {})
+    config, resume = prepare_run_dir(tmp_path / name, config, resume, {})
     return train(tmp_path / name, config, resume=resume, progress=False)
 
 

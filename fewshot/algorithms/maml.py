@@ -61,6 +61,32 @@ def sgd_update(params: Params, grads: Params, inner_lrs: dict[str, Tensor | floa
     return {name: p - inner_lrs[name] * grads[name] for name, p in params.items()}
 
 
+def autograd_gradient(task_loss: TaskLoss, params: Params, x: Tensor, y: Tensor, first_order: bool) -> Params:
+    """grad_theta L(f_theta) by ordinary autograd; second order keeps its graph (``create_graph``).
+
+    With per-task parameter copies (a leading task dimension) ``task_loss`` returns
+    one loss per task; the gradient of their sum with respect to the copies is
+    every task's own gradient, in one backward pass.
+    """
+    keep_graph = torch.is_grad_enabled()  # under no_grad: values only; the inner loop still differentiates
+    with torch.enable_grad():
+        # A fresh leaf must own its memory: an expanded (stride-0) tensor, or a view made
+        # under no_grad, would receive one gradient shared by every task.
+        params = {
+            n: p if keep_graph and p.requires_grad else p.detach().contiguous().requires_grad_()
+            for n, p in params.items()
+        }
+        loss = task_loss(params, x, y).sum()
+        grads = torch.autograd.grad(loss, tuple(params.values()), create_graph=not first_order, materialize_grads=True)
+    return dict(zip(params, grads))
+
+
+def functorch_gradient(task_loss: TaskLoss, params: Params, x: Tensor, y: Tensor, first_order: bool) -> Params:
+    """The same gradient with ``torch.func.grad``: composes with ``vmap`` and ``torch.compile``."""
+    grads = torch.func.grad(task_loss)(params, x, y)
+    return {n: g.detach() for n, g in grads.items()} if first_order else grads
+
+
 def adapt(
     task_loss: TaskLoss,
     params: Params,
@@ -68,30 +94,16 @@ def adapt(
     inner_lrs: dict[str, Tensor | float],
     steps: int,
     first_order: bool,
+    gradient=autograd_gradient,
 ) -> Params:
-    """Inner loop: ``steps`` gradient steps on the support loss, as a pure function.
+    """Inner loop (eq. 1): ``steps`` gradient steps on the support loss, as a pure function.
 
-    ``task_loss(params, x, y)`` is one task's loss, or a vector of per-task losses
-    when ``params`` carry a leading task dimension; the gradient of their sum with
-    respect to the per-task copies is then every task's own gradient.
-    Second order keeps the graph of each gradient (``create_graph``) so the
-    meta-gradient flows through it; first order does not.
+    Second order differentiates through every step; first order treats the inner
+    gradients as constants.
     """
     x, y = support
-    keep_graph = torch.is_grad_enabled()  # under no_grad: values only, but the inner loop still differentiates
-    with torch.enable_grad():
-        # A new leaf must own its memory: an expanded (stride-0) leaf, or a view made under
-        # no_grad, would get one gradient shared by every task, so it is copied first.
-        params = {
-            n: p if keep_graph and p.requires_grad else p.detach().contiguous().requires_grad_()
-            for n, p in params.items()
-        }
-        for _ in range(steps):
-            loss = task_loss(params, x, y).sum()
-            grads = torch.autograd.grad(
-                loss, tuple(params.values()), create_graph=not first_order, materialize_grads=True
-            )
-            params = sgd_update(params, dict(zip(params, grads)), inner_lrs)
+    for _ in range(steps):
+        params = sgd_update(params, gradient(task_loss, params, x, y, first_order), inner_lrs)
     return params
 
 
@@ -102,9 +114,10 @@ def query_loss_after_adaptation(
     inner_lrs: dict[str, Tensor | float],
     steps: int,
     first_order: bool,
+    gradient=autograd_gradient,
 ) -> Tensor:
     """L_{T_i}^{query}(f_{theta'_i}): the query loss of the adapted parameters."""
-    adapted = adapt(task_loss, params, tasks.support, inner_lrs, steps, first_order)
+    adapted = adapt(task_loss, params, tasks.support, inner_lrs, steps, first_order, gradient)
     return task_loss(adapted, tasks.query_x, tasks.query_y)
 
 
@@ -132,6 +145,42 @@ def meta_objective_looped(
         for i in range(n_tasks)
     ]
     return torch.stack(losses).mean()
+
+
+def meta_gradient_functorch(
+    task_loss: TaskLoss, theta: Params, alphas: Params, tasks: TaskBatch, fixed_lr: float, steps: int, first_order: bool
+) -> tuple[Tensor, tuple[Params, Params]]:
+    """(meta-loss, its gradient w.r.t. theta and learned alphas) with ``torch.func`` only.
+
+    The batched meta-objective written with function transforms alone (``grad``
+    inside ``vmap`` inside ``grad_and_value``), so ``torch.compile`` can trace all
+    of it into one graph. ``alphas`` is empty when the step size is fixed.
+    """
+
+    def objective(theta: Params, alphas: Params) -> Tensor:
+        lrs = alphas or dict.fromkeys(theta, fixed_lr)
+
+        def one_task(xs, ys, xq, yq):
+            task = TaskBatch(xs, ys, xq, yq)
+            return query_loss_after_adaptation(task_loss, theta, task, lrs, steps, first_order, functorch_gradient)
+
+        return vmap(one_task)(tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y).mean()
+
+    grads, loss = torch.func.grad_and_value(objective, argnums=(0, 1))(theta, alphas)
+    return loss, grads
+
+
+class _PrecomputedGradient(torch.autograd.Function):
+    """Returns ``loss``; its backward gives every input its precomputed gradient (times grad_output)."""
+
+    @staticmethod
+    def forward(ctx, loss: Tensor, grads: tuple[Tensor, ...], *inputs: Tensor) -> Tensor:
+        ctx.grads = grads
+        return loss.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        return (None, None, *(grad_output * g for g in ctx.grads))
 
 
 def functional_loss(module: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor]) -> TaskLoss:
@@ -174,6 +223,9 @@ class MAML(nn.Module):
             (Meta-SGD, Li et al. 2017).
         batched: ``True`` adapts the meta-batch in one vmapped call, ``False`` loops
             over tasks, ``"auto"`` picks what measured faster for the model's layers.
+        compile: compute the meta-gradient with ``torch.func`` transforms compiled
+            by ``torch.compile`` (batched path only; the first call compiles, which
+            takes tens of seconds). ``meta_loss(...).backward()`` works the same.
 
     Example::
 
@@ -197,6 +249,7 @@ class MAML(nn.Module):
         first_order: bool = False,
         learn_inner_lr: bool | str = False,
         batched: bool | str = "auto",
+        compile: bool = False,
     ):
         super().__init__()
         if not inner_lr >= 0:
@@ -213,6 +266,9 @@ class MAML(nn.Module):
         self.inner_steps = inner_steps
         self.first_order = first_order
         self.batched = prefers_batched(model) if batched == "auto" else batched
+        if compile and not self.batched:
+            raise ValueError("compile=True needs the batched path (batched=True or 'auto' on a model without conv/norm layers)")
+        self._compiled = torch.compile(meta_gradient_functorch) if compile else None
         self.inner_lrs = nn.ParameterList()  # learned alphas, in the order of named_parameters
         if learn_inner_lr:
             for p in model.parameters():
@@ -249,8 +305,21 @@ class MAML(nn.Module):
         """The meta-objective: mean query loss after adapting to each task's support set."""
         steps = self.inner_steps if steps is None else steps
         first_order = self.first_order if first_order is None else first_order
+        tasks = TaskBatch(*tasks)
+        if self._compiled is not None:
+            return self._compiled_meta_loss(tasks, steps, first_order)
         objective = meta_objective_batched if self.batched else meta_objective_looped
-        return objective(self._task_loss, self.meta_parameters(), TaskBatch(*tasks), self.step_sizes(), steps, first_order)
+        return objective(self._task_loss, self.meta_parameters(), tasks, self.step_sizes(), steps, first_order)
+
+    def _compiled_meta_loss(self, tasks: TaskBatch, steps: int, first_order: bool) -> Tensor:
+        theta = {n: p.detach() for n, p in self.meta_parameters().items()}
+        alphas = {n: a.detach() for n, a in zip(theta, self.inner_lrs)}
+        loss, (theta_grads, alpha_grads) = self._compiled(
+            self._task_loss, theta, alphas, tasks, self.inner_lr, steps, first_order
+        )
+        inputs = [*self.module.parameters(), *self.inner_lrs]
+        grads = (*theta_grads.values(), *alpha_grads.values())
+        return _PrecomputedGradient.apply(loss, grads, *inputs)
 
     def training_loss(self, tasks: TaskBatch) -> Tensor:
         """What the outer optimizer minimises at meta-training: the meta-objective."""

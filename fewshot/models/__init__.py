@@ -1,5 +1,5 @@
 """Learner networks."""
 
-from fewshot.models.mlp import mlp
+from fewshot.models.mlp import maml_init_, mlp
 
-__all__ = ["mlp"]
+__all__ = ["maml_init_", "mlp"]
