@@ -25,6 +25,12 @@ def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
     return values.mean().item(), 1.96 * std / math.sqrt(n)
 
 
+def _summary(step: int, errors: torch.Tensor) -> dict:
+    """One point of a curve: mean and 95% CI over tasks, and the median (robust to a few diverging tasks)."""
+    mean, ci95 = mean_ci95(errors)
+    return {"step": step, "mean": mean, "ci95": ci95, "median": errors.median().item()}
+
+
 def evaluate(method: nn.Module, config: Config) -> dict:
     """MSE on the fixed meta-test tasks for every K in ``eval_shots`` after 0..``eval_steps`` steps.
 
@@ -39,10 +45,7 @@ def evaluate(method: nn.Module, config: Config) -> dict:
     for k in config.eval_shots:
         shot_tasks = with_shots(tasks, k)
         curve = method.adaptation_curve(shot_tasks, config.eval_steps)
-        by_shot[str(k)] = [
-            dict(zip(("step", "mean", "ci95"), (step, *mean_ci95(experiment.per_task_mse(pred, shot_tasks.query_y)))))
-            for step, pred in enumerate(curve)
-        ]
+        by_shot[str(k)] = [_summary(step, experiment.per_task_mse(pred, shot_tasks.query_y)) for step, pred in enumerate(curve)]
     k_head = config.k_shot if config.k_shot in config.eval_shots else config.eval_shots[0]
     head = by_shot[str(k_head)]
     return {
@@ -62,9 +65,9 @@ def evaluate(method: nn.Module, config: Config) -> dict:
 def save(result: dict, run_dir: Path, iteration: int) -> None:
     result = {**result, "checkpoint_iteration": iteration}
     atomic_write_text(Path(run_dir) / EVAL_JSON, json.dumps(result, indent=1) + "\n")
-    rows = ["k_shot,step,mse_mean,mse_ci95,n_tasks"]
+    rows = ["k_shot,step,mse_mean,mse_ci95,mse_median,n_tasks"]
     for k, curve in result["by_shot"].items():
-        rows += [f"{k},{p['step']},{p['mean']:.6g},{p['ci95']:.6g},{result['n_tasks']}" for p in curve]
+        rows += [f"{k},{p['step']},{p['mean']:.6g},{p['ci95']:.6g},{p['median']:.6g},{result['n_tasks']}" for p in curve]
     atomic_write_text(Path(run_dir) / EVAL_CSV, "\n".join(rows) + "\n")
 
 

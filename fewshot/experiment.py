@@ -33,6 +33,7 @@ def build_method(config: Config) -> nn.Module:
         first_order=config.first_order,
         learn_inner_lr=False if config.learn_inner_lr == "none" else config.learn_inner_lr,
         batched={"auto": "auto", "yes": True, "no": False}[config.batched],
+        compile=config.compile,
     )
 
 

@@ -33,7 +33,7 @@ def test_eval_json_has_the_documented_fields(runs, capsys):
     assert {"metric", "mean", "ci95", "n_tasks", "curve", "by_shot"} <= set(result)
     assert result["metric"] == "mse" and result["n_tasks"] == 30 and len(result["curve"]) == 11
     assert set(result["by_shot"]) == {"5", "10", "20"}
-    assert (runs / "sine-maml" / "eval.csv").read_text().startswith("k_shot,step,mse_mean,mse_ci95,n_tasks")
+    assert (runs / "sine-maml" / "eval.csv").read_text().startswith("k_shot,step,mse_mean,mse_ci95,mse_median,n_tasks")
 
 
 def test_eval_table_and_plots_for_several_runs(runs, capsys):

@@ -180,3 +180,33 @@ def test_measured_path_choice():
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MAML(tiny_net(), F.mse_loss, **kwargs)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("learn_inner_lr", [False, "per_tensor"])
+def test_torch_func_meta_gradient_equals_autograd_path(first_order, learn_inner_lr):
+    # the transform-only formulation that torch.compile traces must be the same function
+    from fewshot.algorithms.maml import meta_gradient_functorch
+
+    maml = MAML(tiny_net(), F.mse_loss, 0.1, 2, first_order=first_order, learn_inner_lr=learn_inner_lr)
+    batch = tasks()
+    theta = {n: p.detach() for n, p in maml.meta_parameters().items()}
+    alphas = {n: a.detach() for n, a in zip(theta, maml.inner_lrs)}
+    loss, (g_theta, g_alpha) = meta_gradient_functorch(maml._task_loss, theta, alphas, batch, 0.1, 2, first_order)
+    expected = flat_meta_grad(maml, batch)
+    got = torch.cat([g.flatten() for g in (*g_theta.values(), *g_alpha.values())])
+    assert torch.allclose(loss, maml.meta_loss(batch), rtol=1e-12)
+    assert rel_error(got, expected) < 1e-10
+
+
+def test_compiled_meta_loss_backward_gives_the_reference_gradient():
+    torch.manual_seed(0)
+    batch = tasks(dtype=torch.float32)
+    reference = flat_meta_grad(MAML(tiny_net(dtype=torch.float32), F.mse_loss, 0.1, 1, batched=False), batch)
+    maml = MAML(tiny_net(dtype=torch.float32), F.mse_loss, 0.1, 1, compile=True)
+    loss = maml.meta_loss(batch)
+    loss.backward()
+    got = torch.cat([p.grad.flatten() for p in maml.parameters()])
+    assert rel_error(got, reference) < 1e-5
+    with pytest.raises(ValueError, match="compile=True needs the batched path"):
+        MAML(tiny_net(), F.mse_loss, compile=True, batched=False)
