@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sinusoid accuracy beside the paper's appendix Table 2 (BENCHMARKS.md, "Accuracy").
-#   bash benchmarks/sine_accuracy.sh            # the paper's 70,000 iterations (about 25 min on 2 cores)
+#   bash benchmarks/sine_accuracy.sh            # 70,000 iterations for every method (about 20 min on 2 cores)
 #   ITERATIONS=5000 bash benchmarks/sine_accuracy.sh
 # Trains MAML with K = 10 (the paper's training K) and K = 5, the pretrained baseline
 # and the oracle into runs/bench/, then evaluates all of them on the same 600 fixed
@@ -9,7 +9,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 FEWSHOT=${FEWSHOT:-$ROOT/.venv/bin/fewshot}
 RUNS=${RUNS:-$ROOT/runs/bench}
-IT=${ITERATIONS:+--iterations $ITERATIONS}
+IT="--iterations ${ITERATIONS:-70000}"
 mkdir -p "$ROOT/benchmarks/results"
 "$FEWSHOT" train sine-maml --out "$RUNS/maml-k10" --resume --no-progress $IT
 "$FEWSHOT" train sine-maml --out "$RUNS/maml-k5" --set k_shot=5 --resume --no-progress $IT
