@@ -50,7 +50,7 @@ class Config:
     batched: str = _f("auto", "adapt the meta-batch in one vmapped call: auto (measured choice), yes, no", choices=BATCHED)
     compile: bool = _f(False, "torch.compile the meta-gradient (MAML, batched path; the first iteration compiles)")
     outer_lr: float = _f(1e-3, "Adam step size of the outer loop", min=0.0)
-    iterations: int = _f(70_000, "meta-iterations (the paper's code: 70,000)", min=1)
+    iterations: int = _f(30_000, "meta-iterations (the paper's code: 70,000; validation error is nearly flat after 30,000, BENCHMARKS.md)", min=1)
     seed: int = _f(0, "seed of the initial weights and of the meta-training task stream", min=0)
     val_every: int = _f(1000, "iterations between validations, metrics rows and checkpoints", min=1)
     n_val_tasks: int = _f(200, "fixed meta-validation tasks", min=1)

@@ -28,7 +28,8 @@ def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
 def _summary(step: int, errors: torch.Tensor) -> dict:
     """One point of a curve: mean and 95% CI over tasks, and the median (robust to a few diverging tasks)."""
     mean, ci95 = mean_ci95(errors)
-    return {"step": step, "mean": mean, "ci95": ci95, "median": errors.median().item()}
+    diverged_last = errors.nan_to_num(nan=float("inf"))  # a NaN error is a diverged task: the worst, not unordered
+    return {"step": step, "mean": mean, "ci95": ci95, "median": diverged_last.median().item()}
 
 
 def evaluate(method: nn.Module, config: Config) -> dict:
@@ -81,7 +82,7 @@ def markdown_table(results: dict[str, dict]) -> str:
     ]
     for name, result in results.items():
         for k, curve in result["by_shot"].items():
-            cells = [f"{curve[s]['mean']:.3f} ± {curve[s]['ci95']:.3f}" for s in steps if s < len(curve)]
+            cells = [f"{curve[s]['mean']:.3f} ± {curve[s]['ci95']:.3f} ({curve[s]['median']:.3f})" for s in steps]
             lines.append(f"| {name} | {k} | " + " | ".join(cells) + " |")
     n = any_result["n_tasks"]
-    return "\n".join(lines) + f"\n\nMSE on {n} fixed meta-test tasks, mean ± 95% confidence interval.\n"
+    return "\n".join(lines) + f"\n\nMSE on {n} fixed meta-test tasks: mean ± 95% confidence interval (median).\n"

@@ -50,7 +50,7 @@ def figure2(runs: dict[str, tuple], out: Path, task_index: int = 0, shots: tuple
 
 
 def figure3(results: dict[str, dict], out: Path) -> Path:
-    """MSE against the number of inner steps at meta-test, one panel per K, one line per run."""
+    """MSE against the number of inner steps at meta-test, one panel per K; per run its mean and its median."""
     plt = _pyplot()
     shots = list(next(iter(results.values()))["by_shot"])
     fig, axes = plt.subplots(1, len(shots), figsize=(4.2 * len(shots), 3.4), squeeze=False)
@@ -60,8 +60,9 @@ def figure3(results: dict[str, dict], out: Path) -> Path:
             steps = [p["step"] for p in curve]
             mean = torch.tensor([p["mean"] for p in curve])
             ci = torch.tensor([p["ci95"] for p in curve])
-            ax.plot(steps, mean, marker="o", markersize=3, label=name)
-            ax.fill_between(steps, mean - ci, mean + ci, alpha=0.2)
+            line = ax.plot(steps, mean, marker="o", markersize=3, label=f"{name} (mean, 95% CI)")[0]
+            ax.fill_between(steps, mean - ci, mean + ci, alpha=0.2, color=line.get_color())
+            ax.plot(steps, [p["median"] for p in curve], "--", color=line.get_color(), label=f"{name} (median)")
         ax.set_title(f"K = {k}")
         ax.set_xlabel("gradient steps at meta-test")
         ax.set_ylabel("mean squared error")
