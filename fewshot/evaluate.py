@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -12,17 +11,11 @@ from torch import nn
 from fewshot import experiment
 from fewshot.checkpoint import atomic_write_text
 from fewshot.config import Config
+from fewshot.metrics import mean_ci95
 from fewshot.tasks.sinusoid import with_shots
 
 EVAL_JSON, EVAL_CSV = "eval.json", "eval.csv"
 TABLE_STEPS = (0, 1, 5, 10)  # the columns of the paper's appendix Table 2 (and step 0)
-
-
-def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
-    """Mean and half-width of its normal-approximation 95% confidence interval."""
-    n = values.numel()
-    std = values.std(unbiased=True).item() if n > 1 else 0.0
-    return values.mean().item(), 1.96 * std / math.sqrt(n)
 
 
 def _summary(step: int, errors: torch.Tensor) -> dict:

@@ -22,37 +22,16 @@ same objective written with function transforms only, for ``torch.compile``.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from fewshot.tasks.base import TaskBatch
+
 Params = dict[str, Tensor]
 TaskLoss = Callable[[Params, Tensor, Tensor], Tensor]
-
-
-class TaskBatch(NamedTuple):
-    """A meta-batch of tasks, stacked: B tasks, N support and M query examples each.
-
-    ``info`` optionally describes each task (e.g. a sinusoid's amplitude and
-    phase); only oracles read it.
-    """
-
-    support_x: Tensor  # (B, N, *x_shape)
-    support_y: Tensor  # (B, N, *y_shape)
-    query_x: Tensor  # (B, M, *x_shape)
-    query_y: Tensor  # (B, M, *y_shape)
-    info: Tensor | None = None  # (B, D)
-
-    @property
-    def support(self) -> tuple[Tensor, Tensor]:
-        return self.support_x, self.support_y
-
-    def task(self, i: int) -> "TaskBatch":
-        """Task ``i`` alone, without the batch dimension."""
-        info = None if self.info is None else self.info[i]
-        return TaskBatch(self.support_x[i], self.support_y[i], self.query_x[i], self.query_y[i], info)
 
 
 # --------------------------------------------------------------------------- the algorithm

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fewshot.algorithms.maml import TaskBatch
+from fewshot.tasks.base import TaskBatch
 
 AMPLITUDE = (0.1, 5.0)
 PHASE = (0.0, math.pi)
@@ -82,3 +82,14 @@ def fixed_tasks(split: str, n_tasks: int, max_shot: int = 20, n_query: int = 100
 def with_shots(tasks: TaskBatch, k_shot: int) -> TaskBatch:
     """The same tasks with only the first ``k_shot`` support points."""
     return tasks._replace(support_x=tasks.support_x[:, :k_shot], support_y=tasks.support_y[:, :k_shot])
+
+
+@dataclass(frozen=True)
+class SinusoidTasks:
+    """The task distribution as a ``TaskDistribution``: K support and ``n_query`` query points per task."""
+
+    k_shot: int = 10
+    n_query: int = 10
+
+    def sample(self, meta_batch: int, generator: torch.Generator) -> TaskBatch:
+        return sample_tasks(meta_batch, self.k_shot, self.n_query, generator)
