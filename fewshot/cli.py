@@ -35,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     plot.add_argument("--out", type=Path, help="folder for the PNGs (default: the first RUN_DIR)")
 
+    data = sub.add_parser("data", help="check a dataset and build its cache; prints its splits")
+    data.add_argument("dataset", choices=["omniglot"], help="the dataset")
+    data.add_argument("--data-root", help="folder holding the datasets (default: $FEWSHOT_DATA, else the per-user data folder)")
+    data.add_argument("--cache-dir", help="folder for decoded caches (default: $FEWSHOT_CACHE, else the per-user cache folder)")
+
     sub.add_parser("presets", help="list presets and config keys")
     return parser
 
@@ -42,9 +47,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    from fewshot.tasks.data_root import DataError
+
     try:
         return _COMMANDS[args.command](args)
-    except cfg.ConfigError as e:
+    except (cfg.ConfigError, DataError) as e:
         print(f"fewshot {args.command}: error: {e}", file=sys.stderr)
         return 2
 
@@ -109,9 +116,20 @@ def _plot(args) -> int:
     return 0
 
 
+def _data(args) -> int:
+    from fewshot.tasks import omniglot
+
+    collection = omniglot.load_omniglot(args.data_root, args.cache_dir)
+    characters = omniglot.character_splits()
+    print(f"omniglot: {len(collection.images)} images of {omniglot.N_CHARACTERS} characters, cache ok")
+    for name, chars in characters.items():
+        print(f"  {name}: {len(chars)} characters, {len(chars) * collection.rotations} classes with rotations")
+    return 0
+
+
 def _presets(args) -> int:
     print(cfg.describe())
     return 0
 
 
-_COMMANDS = {"train": _train, "eval": _eval, "plot": _plot, "presets": _presets}
+_COMMANDS = {"train": _train, "eval": _eval, "plot": _plot, "data": _data, "presets": _presets}

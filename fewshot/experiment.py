@@ -38,7 +38,7 @@ def build_method(config: Config) -> nn.Module:
 
 
 def training_batch(config: Config, generator: torch.Generator) -> TaskBatch:
-    return sinusoid.sample_tasks(config.meta_batch, config.k_shot, config.n_query, generator)
+    return sinusoid.SinusoidTasks(config.k_shot, config.n_query).sample(config.meta_batch, generator)
 
 
 def validation_tasks(config: Config) -> TaskBatch:

@@ -40,3 +40,10 @@ def test_unknown_split_is_named():
         assert "split must be one of ['test', 'val']" in str(e)
     else:
         raise AssertionError("no error")
+
+
+def test_sinusoid_tasks_follow_the_task_distribution_interface():
+    dist = sinusoid.SinusoidTasks(k_shot=5, n_query=3)
+    a = dist.sample(4, torch.Generator().manual_seed(1))
+    b = sinusoid.sample_tasks(4, 5, 3, torch.Generator().manual_seed(1))
+    assert a.support_x.shape == (4, 5, 1) and all(torch.equal(x, y) for x, y in zip(a, b))
