@@ -88,11 +88,8 @@ def test_module_entry_point_exit_status():
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
 
 
-def test_data_command_checks_omniglot_and_names_a_missing_file(tmp_path, capsys):
-    from pathlib import Path
-
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
-    assert main(["data", "omniglot", "--data-root", str(shared), "--cache-dir", str(tmp_path / "cache")]) == 0
+def test_data_command_checks_omniglot_and_names_a_missing_file(tmp_path, capsys, shared_data, omniglot_cache):
+    assert main(["data", "omniglot", "--data-root", str(shared_data), "--cache-dir", str(omniglot_cache)]) == 0
     out = capsys.readouterr().out
     assert "32460 images of 1623 characters" in out and "test: 423 characters, 1692 classes" in out
     assert main(["data", "omniglot", "--data-root", str(tmp_path / "none"), "--cache-dir", str(tmp_path / "c2")]) == 2

@@ -1,23 +1,18 @@
 """Omniglot from the shared upstream zips (../shared/data/omniglot, or $FEWSHOT_DATA)."""
 
-import os
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import SHARED_DATA as DATA
 from fewshot.tasks import omniglot
 from fewshot.tasks.data_root import DataError
 
-DATA = Path(os.environ.get("FEWSHOT_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    cache_dir = tmp_path_factory.mktemp("cache")
-    omniglot.load_omniglot(DATA, cache_dir)  # decodes the zips once (about 10 s)
-    return cache_dir
+@pytest.fixture
+def cache(omniglot_cache):
+    return omniglot_cache
 
 
 def test_counts_of_images_characters_and_splits(cache):
