@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", type=Path, help="folder for the PNGs (default: the first RUN_DIR)")
 
     data = sub.add_parser("data", help="check a dataset and build its cache; prints its splits")
-    data.add_argument("dataset", choices=["omniglot"], help="the dataset")
+    data.add_argument("dataset", choices=["omniglot", "miniimagenet"], help="the dataset")
     data.add_argument("--data-root", help="folder holding the datasets (default: $FEWSHOT_DATA, else the per-user data folder)")
     data.add_argument("--cache-dir", help="folder for decoded caches (default: $FEWSHOT_CACHE, else the per-user cache folder)")
 
@@ -117,7 +117,13 @@ def _plot(args) -> int:
 
 
 def _data(args) -> int:
-    from fewshot.tasks import omniglot
+    from fewshot.tasks import miniimagenet, omniglot
+
+    if args.dataset == "miniimagenet":
+        for split in miniimagenet.SPLITS:
+            part = miniimagenet.load_miniimagenet(split, args.data_root)
+            print(f"miniimagenet {split}: {len(part.classes)} classes, {len(part)} images, all present")
+        return 0
 
     collection = omniglot.load_omniglot(args.data_root, args.cache_dir)
     characters = omniglot.character_splits()
