@@ -26,22 +26,22 @@ def _platform_dir(kind: str) -> Path:
     return Path(xdg) / "fewshot" if xdg else home / (".cache" if kind == "cache" else ".local/share") / "fewshot"
 
 
-def data_root(explicit: str | os.PathLike | None = None) -> Path:
-    """The data root: the explicit argument, else ``$FEWSHOT_DATA``, else the per-user data folder."""
+def _resolve(explicit, variable: str, kind: str) -> Path:
     if explicit:
         return Path(explicit)
-    if os.environ.get("FEWSHOT_DATA"):
-        return Path(os.environ["FEWSHOT_DATA"])
-    return _platform_dir("data")
+    if os.environ.get(variable):
+        return Path(os.environ[variable])
+    return _platform_dir(kind)
+
+
+def data_root(explicit: str | os.PathLike | None = None) -> Path:
+    """The data root: the explicit argument, else ``$FEWSHOT_DATA``, else the per-user data folder."""
+    return _resolve(explicit, "FEWSHOT_DATA", "data")
 
 
 def cache_root(explicit: str | os.PathLike | None = None) -> Path:
     """The cache folder: the explicit argument, else ``$FEWSHOT_CACHE``, else the per-user cache folder."""
-    if explicit:
-        return Path(explicit)
-    if os.environ.get("FEWSHOT_CACHE"):
-        return Path(os.environ["FEWSHOT_CACHE"])
-    return _platform_dir("cache")
+    return _resolve(explicit, "FEWSHOT_CACHE", "cache")
 
 
 def sha256(path: Path, chunk: int = 1 << 20) -> str:
