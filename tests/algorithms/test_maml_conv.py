@@ -1,0 +1,78 @@
+"""MAML on a conv learner with batch norm (batch statistics, no running stats), float64.
+
+The second-order meta-gradient of the looped path is checked against a central
+finite difference of the meta-objective; the batched path against the loop.
+Batch norm is where the peers' users got confused (learn2learn #207, higher #55):
+each task's support and query batches are normalised with their own statistics.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fewshot import MAML, TaskBatch
+from fewshot.models import Conv4
+
+from test_maml import flat_meta_grad, rel_error
+
+
+def directional_finite_differences(maml, batch, directions, eps=1e-6):
+    """Central differences of the meta-loss along each direction (a flat vector over all meta-parameters)."""
+    params = list(maml.parameters())
+    out = []
+    with torch.no_grad():
+        for v in directions:
+            chunks = torch.split(v, [p.numel() for p in params])
+            values = []
+            for sign in (1, -1):
+                for p, d in zip(params, chunks):
+                    p.add_(sign * eps * d.view_as(p))
+                values.append(maml.meta_loss(batch).item())
+                for p, d in zip(params, chunks):
+                    p.sub_(sign * eps * d.view_as(p))
+            out.append((values[0] - values[1]) / (2 * eps))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def tiny_conv(seed=0):
+    torch.manual_seed(seed)
+    return Conv4(n_way=3, in_channels=1, hidden=3, image_size=16).double()
+
+
+def episodes(n_tasks=2, n_way=3, shots=1, queries=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.rand(n_tasks, n_way * shots, 1, 16, 16, generator=g, dtype=torch.float64)
+    xq = torch.rand(n_tasks, n_way * queries, 1, 16, 16, generator=g, dtype=torch.float64)
+    ys = torch.arange(n_way).repeat_interleave(shots).expand(n_tasks, -1)
+    yq = torch.arange(n_way).repeat_interleave(queries).expand(n_tasks, -1)
+    return TaskBatch(xs, ys, xq, yq)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_conv_bn_second_order_meta_gradient_matches_finite_difference(steps):
+    maml = MAML(tiny_conv(), F.cross_entropy, inner_lr=0.4, inner_steps=steps)
+    assert not maml.batched  # conv + batch norm: the measured choice is the per-task loop
+    batch = episodes()
+    grad = flat_meta_grad(maml, batch)
+    # 12 random directions instead of ~300 coordinates: g . v against d/de L(theta + e v)
+    directions = torch.randn(12, grad.numel(), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert rel_error(directions @ grad, directional_finite_differences(maml, batch, directions)) < 1e-5
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_conv_bn_batched_path_equals_loop(first_order):
+    batch = episodes(n_tasks=4)
+    grads = [
+        flat_meta_grad(MAML(tiny_conv(), F.cross_entropy, 0.4, 2, first_order=first_order, batched=b), batch)
+        for b in (True, False)
+    ]
+    assert rel_error(grads[0], grads[1]) < 1e-10
+
+
+def test_an_episode_is_scored_the_same_whatever_shares_its_batch():
+    # batch statistics are per task: adapting task 0 alone or beside others gives the same predictions
+    maml = MAML(tiny_conv(), F.cross_entropy, inner_lr=0.4)
+    batch = episodes(n_tasks=4)
+    together = maml.adaptation_curve(batch, 2)[-1][0]
+    alone = maml.adaptation_curve(TaskBatch(*(t[:1] for t in batch[:4])), 2)[-1][0]
+    assert torch.allclose(together, alone, atol=1e-12)
