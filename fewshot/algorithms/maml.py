@@ -128,6 +128,25 @@ def meta_objective_looped(
     return torch.stack(losses).mean()
 
 
+def meta_gradient_task_by_task(
+    task_loss: TaskLoss, params: Params, tasks: TaskBatch, inner_lrs, steps: int, first_order: bool, inputs: list[Tensor]
+) -> tuple[Tensor, list[Tensor]]:
+    """The looped meta-objective and its gradient w.r.t. ``inputs``, one task's graph alive at a time.
+
+    Each task's query loss (divided by B) is differentiated and its graph freed
+    before the next task is adapted, so peak memory is that of one task, not of
+    the whole meta-batch; the sum of the per-task gradients is the meta-gradient.
+    """
+    n_tasks = tasks.support_x.shape[0]
+    total, grads = torch.zeros(()), [torch.zeros_like(x) for x in inputs]
+    for i in range(n_tasks):
+        loss = query_loss_after_adaptation(task_loss, params, tasks.task(i), inner_lrs, steps, first_order) / n_tasks
+        for grad, task_grad in zip(grads, torch.autograd.grad(loss, inputs, materialize_grads=True)):
+            grad.add_(task_grad)
+        total = total + loss.detach()
+    return total, grads
+
+
 def meta_gradient_functorch(
     task_loss: TaskLoss, theta: Params, alphas: Params, tasks: TaskBatch, fixed_lr: float, steps: int, first_order: bool
 ) -> tuple[Tensor, tuple[Params, Params]]:
@@ -283,14 +302,27 @@ class MAML(nn.Module):
         return functional_call(self.module, {**dict(self.module.named_buffers()), **params}, (x,))
 
     def meta_loss(self, tasks: TaskBatch, steps: int | None = None, first_order: bool | None = None) -> Tensor:
-        """The meta-objective: mean query loss after adapting to each task's support set."""
+        """The meta-objective: mean query loss after adapting to each task's support set.
+
+        ``meta_loss(tasks).backward()`` leaves the meta-gradient in ``.grad``. On the
+        looped path the gradient is computed task by task while the loss is formed
+        (peak memory of one task), and the returned loss hands it over on backward;
+        it cannot be differentiated twice (``create_graph``).
+        """
         steps = self.inner_steps if steps is None else steps
         first_order = self.first_order if first_order is None else first_order
         tasks = TaskBatch(*tasks)
         if self._compiled is not None:
             return self._compiled_meta_loss(tasks, steps, first_order)
-        objective = meta_objective_batched if self.batched else meta_objective_looped
-        return objective(self._task_loss, self.meta_parameters(), tasks, self.step_sizes(), steps, first_order)
+        if self.batched:
+            return meta_objective_batched(self._task_loss, self.meta_parameters(), tasks, self.step_sizes(), steps, first_order)
+        inputs = [x for x in (*self.module.parameters(), *self.inner_lrs) if x.requires_grad]
+        if not (torch.is_grad_enabled() and inputs):
+            return meta_objective_looped(self._task_loss, self.meta_parameters(), tasks, self.step_sizes(), steps, first_order)
+        loss, grads = meta_gradient_task_by_task(
+            self._task_loss, self.meta_parameters(), tasks, self.step_sizes(), steps, first_order, inputs
+        )
+        return _PrecomputedGradient.apply(loss, tuple(grads), *inputs)
 
     def _compiled_meta_loss(self, tasks: TaskBatch, steps: int, first_order: bool) -> Tensor:
         theta = {n: p.detach() for n, p in self.meta_parameters().items()}
