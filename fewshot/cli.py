@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -34,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="draw the paper's Figures 2 and 3 for one or more runs")
     plot.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     plot.add_argument("--out", type=Path, help="folder for the PNGs (default: the first RUN_DIR)")
+    for command in (train, evaluate, plot):
+        command.add_argument("--data-root", help="folder holding the datasets (default: $FEWSHOT_DATA, else the per-user data folder)")
 
     data = sub.add_parser("data", help="check a dataset and build its cache; prints its splits")
     data.add_argument("dataset", choices=["omniglot", "miniimagenet"], help="the dataset")
@@ -49,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from fewshot.tasks.data_root import DataError
 
+    if getattr(args, "data_root", None) and args.command != "data":
+        os.environ["FEWSHOT_DATA"] = args.data_root  # read by the dataset loaders of this process
     try:
         return _COMMANDS[args.command](args)
     except (cfg.ConfigError, DataError) as e:
@@ -109,9 +114,12 @@ def _plot(args) -> int:
     runs = _evaluated_runs(args.run_dirs)
     out = args.out or args.run_dirs[0]
     out.mkdir(parents=True, exist_ok=True)
-    fits = plots.figure2({name: (config, method) for name, (config, method, _) in runs.items()}, out)
-    curves = plots.figure3({name: result for name, (_, _, result) in runs.items()}, out)
-    for path in (fits, curves):
+    paths = [plots.figure3({name: result for name, (_, _, result) in runs.items()}, out)]
+    paths.append(plots.learning_curves({name: run_dir for name, run_dir in zip(runs, args.run_dirs)}, out))
+    regression = {name: (config, method) for name, (config, method, _) in runs.items() if config.dataset == "sinusoid"}
+    if regression:  # Figure 2 draws fitted curves: regression only
+        paths.append(plots.figure2(regression, out))
+    for path in paths:
         print(f"wrote {path}")
     return 0
 

@@ -15,38 +15,39 @@ from fewshot.metrics import mean_ci95
 from fewshot.tasks.sinusoid import with_shots
 
 EVAL_JSON, EVAL_CSV = "eval.json", "eval.csv"
-TABLE_STEPS = (0, 1, 5, 10)  # the columns of the paper's appendix Table 2 (and step 0)
+TABLE_STEPS = {"mse": (0, 1, 5, 10), "accuracy": (0, 1, 3, 5, 10)}  # the paper's step counts (and step 0)
 
 
 def _summary(step: int, errors: torch.Tensor) -> dict:
     """One point of a curve: mean and 95% CI over tasks, and the median (robust to a few diverging tasks)."""
     mean, ci95 = mean_ci95(errors)
     diverged_last = errors.nan_to_num(nan=float("inf"))  # a NaN error is a diverged task: the worst, not unordered
-    return {"step": step, "mean": mean, "ci95": ci95, "median": diverged_last.median().item()}
+    return {"step": step, "mean": mean, "ci95": ci95, "median": diverged_last.median().item(), "n_tasks": errors.numel()}
 
 
 def evaluate(method: nn.Module, config: Config) -> dict:
-    """MSE on the fixed meta-test tasks for every K in ``eval_shots`` after 0..``eval_steps`` steps.
+    """Error on the fixed meta-test tasks after 0..``eval_steps`` inner steps.
 
-    Returns the JSON-ready result: the headline ``mean``/``ci95`` (K = the
-    training K when it is evaluated, after ``eval_steps`` steps), its per-step
-    ``curve``, and every K's curve in ``by_shot``.
+    Sinusoid: MSE for every K in ``eval_shots``; classification: accuracy on the
+    fixed test episodes (K = ``k_shot``, ``eval_queries`` per class). Returns the
+    JSON-ready result: the headline ``mean``/``ci95`` (the training K, after
+    ``eval_steps`` steps), its per-step ``curve``, and every K's curve in ``by_shot``.
     """
     method.eval()
-    tasks = experiment.test_tasks(config)
     chosen = experiment.prepare_for_evaluation(method, config)
-    by_shot = {}
-    for k in config.eval_shots:
-        shot_tasks = with_shots(tasks, k)
-        curve = method.adaptation_curve(shot_tasks, config.eval_steps)
-        by_shot[str(k)] = [_summary(step, experiment.per_task_mse(pred, shot_tasks.query_y)) for step, pred in enumerate(curve)]
-    k_head = config.k_shot if config.k_shot in config.eval_shots else config.eval_shots[0]
+    if config.dataset == "sinusoid":
+        tasks = experiment.test_tasks(config)
+        by_shot = {str(k): _curve(method, config, [with_shots(tasks, k)]) for k in config.eval_shots}
+        k_head = config.k_shot if config.k_shot in config.eval_shots else config.eval_shots[0]
+    else:
+        by_shot = {str(config.k_shot): _curve(method, config, experiment.test_episode_batches(config))}
+        k_head = config.k_shot
     head = by_shot[str(k_head)]
     return {
-        "metric": "mse",
+        "metric": experiment.metric_name(config),
         "mean": head[-1]["mean"],
         "ci95": head[-1]["ci95"],
-        "n_tasks": tasks.support_x.shape[0],
+        "n_tasks": head[-1]["n_tasks"],
         "k_shot": k_head,
         "steps": config.eval_steps,
         "curve": head,
@@ -54,6 +55,15 @@ def evaluate(method: nn.Module, config: Config) -> dict:
         "method": config.method,
         **chosen,
     }
+
+
+def _curve(method: nn.Module, config: Config, batches) -> list[dict]:
+    """Per step 0..eval_steps, the summary over every task of ``batches``."""
+    per_step: list[list[torch.Tensor]] = [[] for _ in range(config.eval_steps + 1)]
+    for batch in batches:
+        for step, predictions in enumerate(method.adaptation_curve(batch, config.eval_steps)):
+            per_step[step].append(experiment.per_task_error(config, predictions, batch.query_y))
+    return [_summary(step, torch.cat(scores)) for step, scores in enumerate(per_step)]
 
 
 def save(result: dict, run_dir: Path, iteration: int) -> None:
@@ -68,7 +78,7 @@ def save(result: dict, run_dir: Path, iteration: int) -> None:
 def markdown_table(results: dict[str, dict]) -> str:
     """One row per (run, K); columns MSE after the steps of the paper's Table 2."""
     any_result = next(iter(results.values()))
-    steps = [s for s in TABLE_STEPS if s <= any_result["steps"]]
+    steps = [s for s in TABLE_STEPS[any_result["metric"]] if s <= any_result["steps"]]
     lines = [
         "| run | K | " + " | ".join(f"{s} step{'s' if s != 1 else ''}" for s in steps) + " |",
         "|---|---:|" + "---:|" * len(steps),
@@ -77,5 +87,5 @@ def markdown_table(results: dict[str, dict]) -> str:
         for k, curve in result["by_shot"].items():
             cells = [f"{curve[s]['mean']:.3f} ± {curve[s]['ci95']:.3f} ({curve[s]['median']:.3f})" for s in steps]
             lines.append(f"| {name} | {k} | " + " | ".join(cells) + " |")
-    n = any_result["n_tasks"]
-    return "\n".join(lines) + f"\n\nMSE on {n} fixed meta-test tasks: mean ± 95% confidence interval (median).\n"
+    n, metric = any_result["n_tasks"], {"mse": "MSE", "accuracy": "Accuracy"}[any_result["metric"]]
+    return "\n".join(lines) + f"\n\n{metric} on {n} fixed meta-test tasks: mean ± 95% confidence interval (median).\n"

@@ -1,6 +1,13 @@
-"""From a Config to the objects a run needs: the method, its task stream, its validation metric."""
+"""From a Config to the objects a run needs: the method, its task stream, its validation metric.
+
+Two families share one interface: sinusoid regression (error: MSE, lower is
+better) and N-way K-shot classification on Omniglot or miniImageNet (error:
+accuracy, higher is better; the learner is the paper's Conv4).
+"""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -8,8 +15,10 @@ from torch import Tensor, nn
 
 from fewshot.algorithms import MAML, Oracle, Pretrained, TaskBatch
 from fewshot.config import Config
-from fewshot.models import maml_init_, mlp
+from fewshot.models import Conv4, maml_init_, mlp
 from fewshot.tasks import sinusoid
+from fewshot.tasks.data_root import cache_root
+from fewshot.tasks.episodes import EpisodeSampler
 
 TASK_INFO_FEATURES = 2  # a sinusoid's (amplitude, phase), given to the oracle only
 
@@ -17,6 +26,8 @@ TASK_INFO_FEATURES = 2  # a sinusoid's (amplitude, phase), given to the oracle o
 def build_method(config: Config) -> nn.Module:
     """The learner for ``config``, initialised from ``config.seed``."""
     torch.manual_seed(config.seed)
+    if config.dataset != "sinusoid":
+        return _maml(config, _conv_learner(config), F.cross_entropy)
     in_features = 1 + TASK_INFO_FEATURES if config.method == "oracle" else 1
     model = mlp(in_features, config.hidden, 1)
     if config.init == "maml":
@@ -25,9 +36,13 @@ def build_method(config: Config) -> nn.Module:
         return Oracle(model, F.mse_loss)
     if config.method == "pretrained":
         return Pretrained(model, F.mse_loss, finetune_lr=config.inner_lr)
+    return _maml(config, model, F.mse_loss)
+
+
+def _maml(config: Config, model: nn.Module, loss_fn) -> MAML:
     return MAML(
         model,
-        F.mse_loss,
+        loss_fn,
         inner_lr=config.inner_lr,
         inner_steps=config.inner_steps,
         first_order=config.first_order,
@@ -37,16 +52,54 @@ def build_method(config: Config) -> nn.Module:
     )
 
 
+def _conv_learner(config: Config) -> nn.Module:
+    """The paper's learner: strided convolutions on Omniglot (28x28), max-pooling on miniImageNet (84x84)."""
+    if config.dataset == "omniglot":
+        return Conv4(config.n_way, in_channels=1, hidden=config.channels, image_size=28, strided=True)
+    return Conv4(config.n_way, in_channels=3, hidden=config.channels, image_size=84)
+
+
+def metric_name(config: Config) -> str:
+    return "mse" if config.dataset == "sinusoid" else "accuracy"
+
+
 def training_batch(config: Config, generator: torch.Generator) -> TaskBatch:
-    return sinusoid.SinusoidTasks(config.k_shot, config.n_query).sample(config.meta_batch, generator)
+    if config.dataset == "sinusoid":
+        return sinusoid.SinusoidTasks(config.k_shot, config.n_query).sample(config.meta_batch, generator)
+    return _episodes(config.dataset, "train", config.n_way, config.k_shot, config.n_query).sample(config.meta_batch, generator)
 
 
-def validation_tasks(config: Config) -> TaskBatch:
-    return sinusoid.with_shots(sinusoid.fixed_tasks("val", config.n_val_tasks), config.k_shot)
+VALIDATION_SEED, TEST_SEED, EVAL_BATCH = 1, 2, 50  # episodes: seeds of the fixed val/test sets, episodes per batch
+
+
+def validation_tasks(config: Config) -> list[TaskBatch]:
+    if config.dataset == "sinusoid":
+        return [sinusoid.with_shots(sinusoid.fixed_tasks("val", config.n_val_tasks), config.k_shot)]
+    sampler = _episodes(config.dataset, "val", config.n_way, config.k_shot, config.eval_queries)
+    return list(sampler.batches(sampler.fixed_episodes(config.n_val_tasks, VALIDATION_SEED), EVAL_BATCH))
 
 
 def test_tasks(config: Config) -> TaskBatch:
     return sinusoid.fixed_tasks("test", config.n_test_tasks, max_shot=max(config.eval_shots))
+
+
+def test_episode_batches(config: Config):
+    """The fixed meta-test episodes (saved in the cache folder, shared by every run), in batches."""
+    sampler = _episodes(config.dataset, "test", config.n_way, config.k_shot, config.eval_queries)
+    name = f"{config.dataset}-test-{config.n_way}w{config.k_shot}s{config.eval_queries}q-{config.n_test_tasks}-seed{TEST_SEED}.pt"
+    episodes = sampler.fixed_episodes(config.n_test_tasks, TEST_SEED, path=cache_root() / "episodes" / name)
+    return sampler.batches(episodes, EVAL_BATCH)
+
+
+@functools.lru_cache(maxsize=8)
+def _episodes(dataset: str, split: str, n_way: int, k_shot: int, q_queries: int) -> EpisodeSampler:
+    if dataset == "omniglot":
+        from fewshot.tasks.omniglot import omniglot_tasks
+
+        return omniglot_tasks(split, n_way, k_shot, q_queries)
+    from fewshot.tasks.miniimagenet import load_miniimagenet, miniimagenet_splits
+
+    return EpisodeSampler(load_miniimagenet(split), miniimagenet_splits()[split], n_way, k_shot, q_queries)
 
 
 def per_task_mse(predictions: Tensor, targets: Tensor) -> Tensor:
@@ -54,10 +107,19 @@ def per_task_mse(predictions: Tensor, targets: Tensor) -> Tensor:
     return (predictions - targets).pow(2).flatten(1).mean(1)
 
 
-def validation_mse(method: nn.Module, config: Config, tasks: TaskBatch) -> float:
-    """Mean query MSE on the meta-validation tasks after ``inner_steps`` steps."""
-    predictions = method.adaptation_curve(tasks, config.inner_steps)[-1]
-    return per_task_mse(predictions, tasks.query_y).mean().item()
+def per_task_accuracy(logits: Tensor, labels: Tensor) -> Tensor:
+    """(B, M, N), (B, M) -> (B,): the fraction of query examples classified right."""
+    return (logits.argmax(-1) == labels).float().mean(1)
+
+
+def per_task_error(config: Config, predictions: Tensor, targets: Tensor) -> Tensor:
+    return (per_task_mse if config.dataset == "sinusoid" else per_task_accuracy)(predictions, targets)
+
+
+def validation_metric(method: nn.Module, config: Config, batches: list[TaskBatch]) -> float:
+    """Mean query MSE or accuracy on the meta-validation tasks after ``inner_steps`` steps."""
+    scores = [per_task_error(config, method.adaptation_curve(b, config.inner_steps)[-1], b.query_y) for b in batches]
+    return torch.cat(scores).mean().item()
 
 
 def prepare_for_evaluation(method: nn.Module, config: Config) -> dict:

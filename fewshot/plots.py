@@ -63,14 +63,43 @@ def figure3(results: dict[str, dict], out: Path) -> Path:
             line = ax.plot(steps, mean, marker="o", markersize=3, label=f"{name} (mean, 95% CI)")[0]
             ax.fill_between(steps, mean - ci, mean + ci, alpha=0.2, color=line.get_color())
             ax.plot(steps, [p["median"] for p in curve], "--", color=line.get_color(), label=f"{name} (median)")
+        metric = next(iter(results.values()))["metric"]
         ax.set_title(f"K = {k}")
         ax.set_xlabel("gradient steps at meta-test")
-        ax.set_ylabel("mean squared error")
-        ax.set_yscale("log")
+        ax.set_ylabel("mean squared error" if metric == "mse" else "accuracy")
+        if metric == "mse":
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     path = Path(out) / "figure3_learning_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def learning_curves(run_dirs: dict[str, Path], out: Path) -> Path:
+    """Validation metric of each run against meta-iterations and against wall-clock (from metrics.csv)."""
+    import csv
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for name, run_dir in run_dirs.items():
+        with open(Path(run_dir) / "metrics.csv", newline="") as f:
+            rows = list(csv.reader(f))
+        header, rows = rows[0], [[float(v) for v in r] for r in rows[1:]]
+        iterations = [r[0] for r in rows]
+        values = [r[2] for r in rows]
+        hours = torch.tensor([r[3] for r in rows]).cumsum(0) / 3600
+        axes[0].plot(iterations, values, marker="o", markersize=2, label=name)
+        axes[1].plot(hours, values, marker="o", markersize=2, label=name)
+    for ax, xlabel in zip(axes, ("meta-iterations", "wall-clock hours (training and validation)")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(header[2].replace("_", " "))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(out) / "learning_curves.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -25,7 +25,8 @@ from fewshot.checkpoint import atomic_write_text, load_checkpoint, save_checkpoi
 from fewshot.config import Config, ConfigError, load, to_toml
 
 CONFIG_FILE, CHECKPOINT_FILE, METRICS_FILE = "config.toml", "checkpoint.pt", "metrics.csv"
-METRICS_COLUMNS = ("iteration", "train_loss", "val_mse", "seconds", "iterations_per_second")
+def metrics_columns(config: Config) -> tuple[str, ...]:
+    return ("iteration", "train_loss", f"val_{experiment.metric_name(config)}", "seconds", "iterations_per_second")
 
 
 class TrainingInterrupted(Exception):
@@ -86,7 +87,7 @@ def train(run_dir: Path, config: Config, resume: bool = False, progress: bool = 
         torch.set_rng_state(state["torch_rng"])
         start = state["iteration"]
         interval_losses = state["interval_losses"]
-    metrics = _MetricsLog(run_dir / METRICS_FILE, keep_until=start)
+    metrics = _MetricsLog(run_dir / METRICS_FILE, metrics_columns(config), keep_until=start)
     val_tasks = experiment.validation_tasks(config)
 
     def checkpoint(iteration: int) -> None:
@@ -122,10 +123,10 @@ def train(run_dir: Path, config: Config, resume: bool = False, progress: bool = 
             losses.append(loss.item())
             bar.update(1)
             if iteration % config.val_every == 0 or iteration == config.iterations:
-                val = experiment.validation_mse(method, config, val_tasks)
+                val = experiment.validation_metric(method, config, val_tasks)
                 seconds = time.perf_counter() - t0
                 metrics.append(iteration, sum(losses) / len(losses), val, seconds, len(losses) / seconds)
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", val_mse=f"{val:.3f}")
+                bar.set_postfix({"loss": f"{losses[-1]:.3f}", f"val_{experiment.metric_name(config)}": f"{val:.3f}"})
                 losses, t0 = [], time.perf_counter()
                 checkpoint(iteration)
                 last_checkpoint = iteration
@@ -179,8 +180,8 @@ class _CtrlC:
 class _MetricsLog:
     """metrics.csv, rewritten atomically; rows past the checkpoint being resumed are dropped."""
 
-    def __init__(self, path: Path, keep_until: int):
-        self.path = path
+    def __init__(self, path: Path, columns: tuple[str, ...], keep_until: int):
+        self.path, self.columns = path, columns
         self.rows: list[list] = []
         if keep_until and path.is_file():
             with open(path, newline="") as f:
@@ -189,7 +190,7 @@ class _MetricsLog:
     def append(self, *row) -> None:
         self.rows.append([row[0], *(f"{v:.6g}" for v in row[1:])])
         text = io.StringIO()
-        csv.writer(text, lineterminator="\n").writerows([METRICS_COLUMNS, *self.rows])
+        csv.writer(text, lineterminator="\n").writerows([self.columns, *self.rows])
         atomic_write_text(self.path, text.getvalue())
 
 

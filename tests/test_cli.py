@@ -42,7 +42,7 @@ def test_eval_table_and_plots_for_several_runs(runs, capsys):
     table = capsys.readouterr().out
     assert "| sine-pretrained | 5 |" in table and "| sine-oracle | 20 |" in table
     assert main(["plot", *dirs, "--out", str(runs / "plots")]) == 0
-    for name in ("figure2_fits.png", "figure3_learning_curves.png"):
+    for name in ("figure2_fits.png", "figure3_learning_curves.png", "learning_curves.png"):
         assert (runs / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -95,3 +95,20 @@ def test_data_command_checks_omniglot_and_names_a_missing_file(tmp_path, capsys,
     assert main(["data", "omniglot", "--data-root", str(tmp_path / "none"), "--cache-dir", str(tmp_path / "c2")]) == 2
     err = capsys.readouterr().err
     assert "missing dataset file images_background.zip" in err and len(err.strip().splitlines()) == 1
+
+
+def test_short_omniglot_maml_run_beats_chance(tmp_path, capsys, shared_data, omniglot_cache, monkeypatch):
+    # a tiny learner (8 filters), 150 meta-iterations of 5-way 1-shot: held-out test characters, 100 fixed episodes
+    monkeypatch.setenv("FEWSHOT_CACHE", str(omniglot_cache))
+    out = str(tmp_path / "omniglot")
+    tiny = ["--set", "channels=8", "--set", "meta_batch=4", "--set", "n_val_tasks=20", "--set", "val_every=50",
+            "--set", "n_test_tasks=100", "--set", "eval_steps=3", "--set", "eval_queries=5"]  # fmt: skip
+    assert main(["train", "omniglot-5w1s-maml", "--out", out, "--iterations", "150", "--data-root", str(shared_data), "--no-progress", *tiny]) == 0
+    assert (tmp_path / "omniglot" / "metrics.csv").read_text().startswith("iteration,train_loss,val_accuracy")
+    capsys.readouterr()
+    assert main(["eval", out, "--json", "--data-root", str(shared_data)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["metric"] == "accuracy" and result["n_tasks"] == 100 and len(result["curve"]) == 4
+    assert result["mean"] > 0.4  # chance is 0.2
+    assert main(["plot", out, "--data-root", str(shared_data)]) == 0
+    assert (tmp_path / "omniglot" / "learning_curves.png").is_file()

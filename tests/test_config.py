@@ -21,7 +21,7 @@ def test_overrides_parse_by_type():
         ("k_shot=0", "k_shot=0: must be >= 1"),
         ("inner_lr=-0.5", "inner_lr=-0.5: must be >= 0"),
         ("outer_lr=nan", "outer_lr=nan: must be a finite number"),
-        ("colour=red", "--set colour: unknown key; allowed: method, k_shot"),
+        ("colour=red", "--set colour: unknown key; allowed: dataset, n_way"),
         ("method=reptile", "method='reptile': allowed values are maml, pretrained, oracle"),
         ("k_shot=three", "k_shot='three': expected an integer"),
         ("first_order=maybe", "expected true or false"),
