@@ -19,7 +19,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DATASETS = ("sinusoid", "omniglot", "miniimagenet")
-METHODS = ("maml", "pretrained", "oracle")
+METHODS = ("maml", "pretrained", "oracle", "protonet", "matchingnet")
+METHODS_FOR = {"sinusoid": ("maml", "pretrained", "oracle"), "classification": ("maml", "protonet", "matchingnet")}
 LEARN_INNER_LR = ("none", "per_tensor", "per_element")
 BATCHED = ("auto", "yes", "no")
 INITS = ("torch", "maml")
@@ -41,7 +42,7 @@ class Config:
     n_way: int = _f(5, "classes per episode (classification)", min=1)
     channels: int = _f(64, "filters per conv layer (classification learner)", min=1)
     eval_queries: int = _f(15, "query examples per class in the meta-val/meta-test episodes (classification)", min=1)
-    method: str = _f("maml", "algorithm: maml (with first_order for FOMAML), pretrained or oracle", choices=METHODS)
+    method: str = _f("maml", "algorithm: maml (with first_order for FOMAML); sinusoid: pretrained, oracle; classification: protonet, matchingnet", choices=METHODS)
     k_shot: int = _f(10, "support examples per task (sinusoid) or per class (classification), K", min=1)
     n_query: int = _f(10, "query examples per task (sinusoid) or per class (classification) at meta-training", min=1)
     meta_batch: int = _f(25, "tasks per meta-iteration", min=1)
@@ -66,8 +67,9 @@ class Config:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             _check(f, getattr(self, f.name))
-        if self.dataset != "sinusoid" and self.method != "maml":
-            raise ConfigError(f"method={self.method!r} with dataset={self.dataset!r}: allowed: maml (the baselines for classification are not built yet)")
+        allowed = METHODS_FOR["sinusoid" if self.dataset == "sinusoid" else "classification"]
+        if self.method not in allowed:
+            raise ConfigError(f"method={self.method!r} with dataset={self.dataset!r}: allowed: {', '.join(allowed)}")
 
 
 PRESETS: dict[str, dict] = {
@@ -97,6 +99,9 @@ def _classification_presets() -> dict[str, dict]:
         }  # fmt: skip
     for name in list(presets):
         presets[name.replace("-maml", "-fomaml")] = {**presets[name], "first_order": True}
+        # the metric-learning baselines on the same episodes (no inner loop: one forward pass)
+        presets[name.replace("-maml", "-protonet")] = {**presets[name], "method": "protonet"}
+        presets[name.replace("-maml", "-matchingnet")] = {**presets[name], "method": "matchingnet"}
     return presets
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewshot.algorithms import MAML, Oracle, Pretrained, TaskBatch
+from fewshot.algorithms.metric import matching_network, prototypical_network
 from fewshot.config import Config
 from fewshot.models import Conv4, maml_init_, mlp
 from fewshot.tasks import sinusoid
@@ -27,7 +28,12 @@ def build_method(config: Config) -> nn.Module:
     """The learner for ``config``, initialised from ``config.seed``."""
     torch.manual_seed(config.seed)
     if config.dataset != "sinusoid":
-        return _maml(config, _conv_learner(config), F.cross_entropy)
+        learner = _conv_learner(config)
+        if config.method == "protonet":
+            return prototypical_network(learner.features, config.n_way)
+        if config.method == "matchingnet":
+            return matching_network(learner.features, config.n_way)
+        return _maml(config, learner, F.cross_entropy)
     in_features = 1 + TASK_INFO_FEATURES if config.method == "oracle" else 1
     model = mlp(in_features, config.hidden, 1)
     if config.init == "maml":

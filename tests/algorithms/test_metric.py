@@ -1,0 +1,60 @@
+"""Prototypical and Matching Networks: the scoring rules by hand, and real learning on Omniglot."""
+
+import math
+
+import pytest
+import torch
+
+from fewshot.algorithms.metric import class_means, matching_log_probs, prototype_logits
+
+
+def test_prototypes_are_class_means_and_logits_negative_squared_distances():
+    support = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 4.0]])
+    labels = torch.tensor([0, 0, 1])
+    assert torch.equal(class_means(support, labels, 2), torch.tensor([[1.0, 0.0], [0.0, 4.0]]))
+    query = torch.tensor([[1.0, 1.0]])
+    # distances^2 to (1, 0) and (0, 4): 1 and 1 + 9 = 10
+    assert torch.allclose(prototype_logits(support, labels, query, 2), torch.tensor([[-1.0, -10.0]]))
+
+
+def test_matching_network_attends_by_cosine_similarity():
+    support = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 2.0]])
+    labels = torch.tensor([0, 1, 1])
+    query = torch.tensor([[1.0, 0.0]])
+    # cosines 1, 0, 0 -> attention e / (e + 2), 1 / (e + 2), 1 / (e + 2)
+    e = math.e
+    expected = torch.tensor([[math.log(e / (e + 2)), math.log(2 / (e + 2))]])
+    assert torch.allclose(matching_log_probs(support, labels, query, 2), expected)
+
+
+@pytest.mark.parametrize("method", ["protonet", "matchingnet"])
+def test_metric_baseline_beats_chance_on_omniglot(method, tmp_path, shared_data, omniglot_cache, monkeypatch):
+    from fewshot.config import preset, with_overrides
+    from fewshot.evaluate import evaluate
+    from fewshot.train import prepare_run_dir, train
+
+    monkeypatch.setenv("FEWSHOT_DATA", str(shared_data))
+    monkeypatch.setenv("FEWSHOT_CACHE", str(omniglot_cache))
+    config = with_overrides(preset(f"omniglot-5w1s-{method}"), [
+        "channels=8", "meta_batch=4", "iterations=100", "val_every=50", "n_val_tasks=20", "n_test_tasks=100",
+        "eval_steps=0", "eval_queries=5",
+    ])  # fmt: skip
+    config, _ = prepare_run_dir(tmp_path / method, config, False, {})
+    result = evaluate(train(tmp_path / method, config, progress=False), config)
+    assert result["metric"] == "accuracy" and result["n_tasks"] == 100
+    assert result["mean"] > 0.35  # chance is 0.2; 100 episodes x 25 queries: CI about +-0.02
+
+
+def test_an_episode_is_scored_alone():
+    from fewshot.algorithms.metric import prototypical_network
+    from fewshot.models import Conv4
+    from fewshot.tasks.base import TaskBatch
+
+    torch.manual_seed(0)
+    net = prototypical_network(Conv4(3, hidden=4, image_size=16).features, 3)
+    g = torch.Generator().manual_seed(0)
+    batch = TaskBatch(torch.rand(4, 3, 1, 16, 16, generator=g), torch.arange(3).expand(4, 3),
+                      torch.rand(4, 6, 1, 16, 16, generator=g), torch.arange(3).repeat(2).expand(4, 6))  # fmt: skip
+    together = net.adaptation_curve(batch, 0)[0][0]
+    alone = net.adaptation_curve(TaskBatch(*(t[:1] for t in batch[:4])), 0)[0][0]
+    assert torch.allclose(together, alone, atol=1e-6)
