@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args) -> int:
-    from fewshot.train import TrainingDiverged, TrainingInterrupted, prepare_run_dir, train
+    from fewshot.train import TrainingDiverged, TrainingInterrupted, prepare_run_dir, rank_and_world, train
 
     flags = [f"{k}={v}" for k, v in (("iterations", args.iterations), ("seed", args.seed)) if v is not None]
     config = cfg.with_overrides(cfg.preset(args.preset), args.set + flags)
@@ -77,7 +77,8 @@ def _train(args) -> int:
     except TrainingDiverged as e:
         print(f"fewshot train: error: {e}", file=sys.stderr)
         return 1
-    print(f"trained {args.preset} for {config.iterations} iterations: {run_dir}")
+    if rank_and_world()[0] == 0:
+        print(f"trained {args.preset} for {config.iterations} iterations: {run_dir}")
     return 0
 
 

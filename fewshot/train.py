@@ -7,22 +7,31 @@ checkpoint to the same final parameters, bit for bit, as an uninterrupted run.
 Ctrl-C finishes the current iteration, writes a checkpoint and stops; a NaN or
 infinite loss or gradient stops the run before the bad step is applied, keeping
 the last good checkpoint.
+
+Scale-out: under ``torchrun --nproc_per_node=P`` (``torch.distributed``, gloo on
+the CPU) every process draws the same meta-batch from the same task stream,
+computes the meta-gradient of its share of the tasks, and the shares are summed
+by all-reduce, so every process applies the same step; rank 0 writes the files.
+A checkpoint holds no trace of P: it resumes with any number of processes.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import os
 import signal
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from fewshot import experiment
 from fewshot.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from fewshot.config import Config, ConfigError, load, to_toml
+from fewshot.tasks.base import TaskBatch
 
 CONFIG_FILE, CHECKPOINT_FILE, METRICS_FILE = "config.toml", "checkpoint.pt", "metrics.csv"
 def metrics_columns(config: Config) -> tuple[str, ...]:
@@ -68,13 +77,49 @@ def prepare_run_dir(run_dir: Path, config: Config, resume: bool, overrides: dict
         if (run_dir / CHECKPOINT_FILE).exists():
             raise ConfigError(f"--out {run_dir}: holds a run already; pass --resume or choose another --out")
         run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / CONFIG_FILE, to_toml(config))
+    if rank_and_world()[0] == 0:
+        atomic_write_text(run_dir / CONFIG_FILE, to_toml(config))
     return config, resume
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, number of processes): (0, 1) unless launched by torchrun with more than one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _share_of_meta_batch(method: nn.Module, batch: TaskBatch, rank: int, world: int) -> torch.Tensor:
+    """This process's tasks' loss, weighted so that the shares of all processes sum to the meta-batch mean."""
+    if world == 1:
+        return method.training_loss(batch)
+    n_tasks = batch.support_x.shape[0]
+    mine = torch.tensor_split(torch.arange(n_tasks), world)[rank]
+    share = TaskBatch(*(None if t is None else t[mine] for t in batch))
+    return method.training_loss(share) * (len(mine) / n_tasks)
+
+
+def _sum_over_processes(method: nn.Module, loss: torch.Tensor, world: int) -> torch.Tensor:
+    """All-reduce (sum) the gradients and the loss shares; every process then holds the full meta-gradient."""
+    if world == 1:
+        return loss
+    params = list(method.parameters())
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    flat = torch.cat([g.flatten() for g in grads] + [loss.detach().reshape(1)])
+    dist.all_reduce(flat)
+    for p, g in zip(params, torch.split(flat[:-1], [g.numel() for g in grads])):
+        p.grad = g.view_as(p).clone()
+    return flat[-1]
 
 
 def train(run_dir: Path, config: Config, resume: bool = False, progress: bool = True) -> nn.Module:
     """Meta-train ``config`` in ``run_dir`` (already prepared); returns the trained method."""
     run_dir = Path(run_dir)
+    rank, world = rank_and_world()
+    if world > config.meta_batch:
+        raise ConfigError(f"{world} processes for meta_batch={config.meta_batch}: allowed: at most meta_batch processes")
     method = experiment.build_method(config)  # seeds the initial weights from config.seed
     optimizer = _adam(method.parameters(), config.outer_lr)
     task_stream = torch.Generator().manual_seed(config.seed)
@@ -88,9 +133,11 @@ def train(run_dir: Path, config: Config, resume: bool = False, progress: bool = 
         start = state["iteration"]
         interval_losses = state["interval_losses"]
     metrics = _MetricsLog(run_dir / METRICS_FILE, metrics_columns(config), keep_until=start)
-    val_tasks = experiment.validation_tasks(config)
+    val_tasks = experiment.validation_tasks(config) if rank == 0 else []
 
     def checkpoint(iteration: int) -> None:
+        if rank != 0:
+            return
         save_checkpoint(
             run_dir / CHECKPOINT_FILE,
             {
@@ -103,14 +150,15 @@ def train(run_dir: Path, config: Config, resume: bool = False, progress: bool = 
             },
         )
 
-    bar = _progress(progress, start, config.iterations)
+    bar = _progress(progress and rank == 0, start, config.iterations)
     losses, t0, last_checkpoint = interval_losses, time.perf_counter(), start
     with _CtrlC() as ctrl_c:
         for iteration in range(start + 1, config.iterations + 1):
-            loss = method.training_loss(experiment.training_batch(config, task_stream))
+            batch = experiment.training_batch(config, task_stream)  # the same on every process
             optimizer.zero_grad(set_to_none=True)
-            if torch.isfinite(loss):
-                loss.backward()
+            loss = _share_of_meta_batch(method, batch, rank, world)
+            loss.backward()  # a non-finite loss gives non-finite gradients: caught below, before the step
+            loss = _sum_over_processes(method, loss, world)
             if not (torch.isfinite(loss) and _gradients_finite(method)):
                 bar.close()
                 what = f"non-finite gradient (loss {loss.item():.4g})" if torch.isfinite(loss) else f"loss {loss.item()}"
@@ -123,10 +171,11 @@ def train(run_dir: Path, config: Config, resume: bool = False, progress: bool = 
             losses.append(loss.item())
             bar.update(1)
             if iteration % config.val_every == 0 or iteration == config.iterations:
-                val = experiment.validation_metric(method, config, val_tasks)
-                seconds = time.perf_counter() - t0
-                metrics.append(iteration, sum(losses) / len(losses), val, seconds, len(losses) / seconds)
-                bar.set_postfix({"loss": f"{losses[-1]:.3f}", f"val_{experiment.metric_name(config)}": f"{val:.3f}"})
+                if rank == 0:  # validation, metrics and checkpoint: one process writes for all
+                    val = experiment.validation_metric(method, config, val_tasks)
+                    seconds = time.perf_counter() - t0
+                    metrics.append(iteration, sum(losses) / len(losses), val, seconds, len(losses) / seconds)
+                    bar.set_postfix({"loss": f"{losses[-1]:.3f}", f"val_{experiment.metric_name(config)}": f"{val:.3f}"})
                 losses, t0 = [], time.perf_counter()
                 checkpoint(iteration)
                 last_checkpoint = iteration
