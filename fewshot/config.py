@@ -19,8 +19,11 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DATASETS = ("sinusoid", "omniglot", "miniimagenet")
-METHODS = ("maml", "pretrained", "oracle", "protonet", "matchingnet")
-METHODS_FOR = {"sinusoid": ("maml", "pretrained", "oracle"), "classification": ("maml", "protonet", "matchingnet")}
+METHODS = ("maml", "pretrained", "oracle", "protonet", "matchingnet", "finetune", "nearest")
+METHODS_FOR = {
+    "sinusoid": ("maml", "pretrained", "oracle"),
+    "classification": ("maml", "protonet", "matchingnet", "finetune", "nearest"),
+}
 LEARN_INNER_LR = ("none", "per_tensor", "per_element")
 BATCHED = ("auto", "yes", "no")
 INITS = ("torch", "maml")
@@ -42,7 +45,7 @@ class Config:
     n_way: int = _f(5, "classes per episode (classification)", min=1)
     channels: int = _f(64, "filters per conv layer (classification learner)", min=1)
     eval_queries: int = _f(15, "query examples per class in the meta-val/meta-test episodes (classification)", min=1)
-    method: str = _f("maml", "algorithm: maml (with first_order for FOMAML); sinusoid: pretrained, oracle; classification: protonet, matchingnet", choices=METHODS)
+    method: str = _f("maml", "algorithm: maml (with first_order for FOMAML); sinusoid: pretrained, oracle; classification: protonet, matchingnet, finetune, nearest (a classifier pre-trained on all meta-train classes, then fine-tuned or nearest-neighbour)", choices=METHODS)
     k_shot: int = _f(10, "support examples per task (sinusoid) or per class (classification), K", min=1)
     n_query: int = _f(10, "query examples per task (sinusoid) or per class (classification) at meta-training", min=1)
     meta_batch: int = _f(25, "tasks per meta-iteration", min=1)
@@ -102,6 +105,9 @@ def _classification_presets() -> dict[str, dict]:
         # the metric-learning baselines on the same episodes (no inner loop: one forward pass)
         presets[name.replace("-maml", "-protonet")] = {**presets[name], "method": "protonet"}
         presets[name.replace("-maml", "-matchingnet")] = {**presets[name], "method": "matchingnet"}
+        # an ordinary classifier over all meta-train classes, then fine-tuned (SGD, lr 0.1: not tuned yet) or nearest neighbour
+        presets[name.replace("-maml", "-finetune")] = {**presets[name], "method": "finetune", "inner_lr": 0.1}
+        presets[name.replace("-maml", "-nearest")] = {**presets[name], "method": "nearest"}
     return presets
 
 

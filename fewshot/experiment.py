@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from fewshot.algorithms import MAML, Oracle, Pretrained, TaskBatch
 from fewshot.algorithms.metric import matching_network, prototypical_network
+from fewshot.algorithms.pretrained_classifier import PretrainedClassifier
 from fewshot.config import Config
 from fewshot.models import Conv4, maml_init_, mlp
 from fewshot.tasks import sinusoid
@@ -33,6 +34,10 @@ def build_method(config: Config) -> nn.Module:
             return prototypical_network(learner.features, config.n_way)
         if config.method == "matchingnet":
             return matching_network(learner.features, config.n_way)
+        if config.method in ("finetune", "nearest"):
+            classes = _episodes(config.dataset, "train", config.n_way, config.k_shot, config.n_query).classes.tolist()
+            return PretrainedClassifier(learner.features, learner.head.in_features, classes, config.n_way,
+                                        evaluation=config.method, finetune_lr=config.inner_lr)  # fmt: skip
         return _maml(config, learner, F.cross_entropy)
     in_features = 1 + TASK_INFO_FEATURES if config.method == "oracle" else 1
     model = mlp(in_features, config.hidden, 1)

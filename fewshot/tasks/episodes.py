@@ -140,11 +140,16 @@ class EpisodeSampler:
         )
 
     def load(self, episodes: Episodes) -> TaskBatch:
-        """The examples of the episodes, stacked: (E, N*K, *shape) support and (E, N*Q, *shape) query."""
+        """The examples of the episodes, stacked: (E, N*K, *shape) support and (E, N*Q, *shape) query.
+
+        ``info`` holds each episode's original class ids in label order, (E, N): what a
+        baseline trained by ordinary classification over all classes of the split needs.
+        """
         e, nk, nq = len(episodes), episodes.support_idx.shape[1], episodes.query_idx.shape[1]
         x = self.collection.load(torch.cat([episodes.support_idx, episodes.query_idx], dim=1).flatten())
         x = x.reshape(e, nk + nq, *x.shape[1:])
-        return TaskBatch(x[:, :nk], episodes.support_y, x[:, nk:], episodes.query_y)
+        classes = self.collection.labels[episodes.support_idx].reshape(e, self.n_way, self.k_shot)[:, :, 0]  # (E, N)
+        return TaskBatch(x[:, :nk], episodes.support_y, x[:, nk:], episodes.query_y, classes)
 
     def sample(self, meta_batch: int, generator: torch.Generator) -> TaskBatch:
         """A meta-batch of episodes, ready for a batched inner loop (the ``TaskDistribution`` interface)."""
