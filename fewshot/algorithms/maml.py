@@ -22,6 +22,7 @@ same objective written with function transforms only, for ``torch.compile``.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -225,7 +226,8 @@ class MAML(nn.Module):
             over tasks, ``"auto"`` picks what measured faster for the model's layers.
         compile: compute the meta-gradient with ``torch.func`` transforms compiled
             by ``torch.compile`` (batched path only; the first call compiles, which
-            takes tens of seconds). ``meta_loss(...).backward()`` works the same.
+            takes tens of seconds). ``meta_loss(...).backward()`` works the same. If
+            compilation fails, a warning says why and the eager path is used.
 
     Example::
 
@@ -313,7 +315,12 @@ class MAML(nn.Module):
         first_order = self.first_order if first_order is None else first_order
         tasks = TaskBatch(*tasks)
         if self._compiled is not None:
-            return self._compiled_meta_loss(tasks, steps, first_order)
+            try:
+                return self._compiled_meta_loss(tasks, steps, first_order)
+            except Exception as error:  # no C++ compiler, an unsupported op, ...: run eagerly instead
+                warnings.warn(f"torch.compile of the meta-gradient failed ({type(error).__name__}: {error}); "
+                              "continuing without compile", RuntimeWarning, stacklevel=2)  # fmt: skip
+                self._compiled = None
         if self.batched:
             return meta_objective_batched(self._task_loss, self.meta_parameters(), tasks, self.step_sizes(), steps, first_order)
         inputs = [x for x in (*self.module.parameters(), *self.inner_lrs) if x.requires_grad]

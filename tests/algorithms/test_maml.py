@@ -210,3 +210,18 @@ def test_compiled_meta_loss_backward_gives_the_reference_gradient():
     assert rel_error(got, reference) < 1e-5
     with pytest.raises(ValueError, match="compile=True needs the batched path"):
         MAML(tiny_net(), F.mse_loss, compile=True, batched=False)
+
+
+def test_failed_compilation_warns_and_falls_back_to_eager(monkeypatch):
+    def broken_compile(fn):
+        def raises(*args, **kwargs):
+            raise RuntimeError("no C++ compiler")
+
+        return raises
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    batch = tasks()
+    maml = MAML(tiny_net(), F.mse_loss, 0.1, 1, compile=True)
+    with pytest.warns(RuntimeWarning, match="torch.compile of the meta-gradient failed .*no C\\+\\+ compiler"):
+        got = flat_meta_grad(maml, batch)
+    assert rel_error(got, flat_meta_grad(MAML(tiny_net(), F.mse_loss, 0.1, 1), batch)) < 1e-12
