@@ -136,6 +136,6 @@ def validation_metric(method: nn.Module, config: Config, batches: list[TaskBatch
 def prepare_for_evaluation(method: nn.Module, config: Config) -> dict:
     """Anything a method settles on meta-validation data before meta-test; returns what it chose."""
     if isinstance(method, Pretrained) and config.tune_inner_lr:
-        val = sinusoid.with_shots(sinusoid.fixed_tasks("val", config.n_val_tasks), config.k_shot)
+        (val,) = validation_tasks(config)
         return {"finetune_lr": method.tune_step_size(val, config.eval_steps)}
     return {}
