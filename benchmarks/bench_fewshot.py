@@ -21,7 +21,8 @@ from fewshot import MAML, TaskBatch  # noqa: E402
 def make_step(model, wl, order, args):
     batched = {"auto": "auto", "yes": True, "no": False}[args.batched]
     maml = MAML(model, common.loss_fn(wl), inner_lr=wl.inner_lr, inner_steps=wl.inner_steps,
-                first_order=(order == "first"), batched=batched, compile=args.compile)
+                first_order=(order == "first"), batched=batched, compile=args.compile,
+                task_threads=args.task_threads if args.task_threads == "auto" else int(args.task_threads))
 
     def step(batch):
         maml.meta_loss(TaskBatch(*batch)).backward()
@@ -30,10 +31,12 @@ def make_step(model, wl, order, args):
 
 
 def impl_name(args):
-    return f"fewshot-{args.batched}" + ("+compile" if args.compile else "")
+    threads = "" if args.task_threads == "auto" else f"-threads{args.task_threads}"
+    return f"fewshot-{args.batched}{threads}" + ("+compile" if args.compile else "")
 
 
 if __name__ == "__main__":
     common.main(impl_name, make_step, versions={"fewshot": fewshot.__version__},
                 extra_args=[(("--batched",), dict(choices=["auto", "yes", "no"], default="auto")),
-                            (("--compile",), dict(action="store_true"))])
+                            (("--compile",), dict(action="store_true")),
+                            (("--task-threads",), dict(default="auto"))])

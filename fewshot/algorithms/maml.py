@@ -22,7 +22,9 @@ same objective written with function transforms only, for ``torch.compile``.
 
 from __future__ import annotations
 
+import copy
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -130,17 +132,19 @@ def meta_objective_looped(
 
 
 def meta_gradient_task_by_task(
-    task_loss: TaskLoss, params: Params, tasks: TaskBatch, inner_lrs, steps: int, first_order: bool, inputs: list[Tensor]
+    task_loss: TaskLoss, params: Params, tasks: TaskBatch, inner_lrs, steps: int, first_order: bool,
+    inputs: list[Tensor], meta_batch_size: int | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """The looped meta-objective and its gradient w.r.t. ``inputs``, one task's graph alive at a time.
 
     Each task's query loss (divided by B) is differentiated and its graph freed
     before the next task is adapted, so peak memory is that of one task, not of
     the whole meta-batch; the sum of the per-task gradients is the meta-gradient.
+    ``meta_batch_size`` is B when ``tasks`` is only a share of the meta-batch.
     """
-    n_tasks = tasks.support_x.shape[0]
+    n_tasks = meta_batch_size or tasks.support_x.shape[0]
     total, grads = torch.zeros(()), [torch.zeros_like(x) for x in inputs]
-    for i in range(n_tasks):
+    for i in range(tasks.support_x.shape[0]):
         loss = query_loss_after_adaptation(task_loss, params, tasks.task(i), inner_lrs, steps, first_order) / n_tasks
         for grad, task_grad in zip(grads, torch.autograd.grad(loss, inputs, materialize_grads=True)):
             grad.add_(task_grad)
@@ -171,6 +175,39 @@ def meta_gradient_functorch(
     return loss, grads
 
 
+def meta_gradient_in_threads(
+    task_losses: list[TaskLoss], params: Params, tasks: TaskBatch, inner_lrs, steps: int, first_order: bool,
+    inputs: list[Tensor], pool: ThreadPoolExecutor,
+) -> tuple[Tensor, list[Tensor]]:
+    """``meta_gradient_task_by_task`` with the meta-batch dealt out to threads, one task per thread at a time.
+
+    Thread k takes tasks k, k + n, k + 2n, ... with its own ``task_losses[k]`` (a
+    replica of the module: ``functional_call`` swaps a module's parameters while it
+    runs, so threads cannot share one) and one intra-op thread: on a few CPU cores
+    whole tasks side by side keep the cores busier than one task's small kernels
+    split across them. Shares are summed in a fixed order, so the result does not
+    depend on thread timing.
+    """
+    n_tasks, n_threads = tasks.support_x.shape[0], len(task_losses)
+    grad_mode = torch.is_grad_enabled()
+
+    def share(k: int) -> tuple[Tensor, list[Tensor]]:
+        torch.set_num_threads(1)  # this thread's own OpenMP pool; the caller's is restored below
+        with torch.set_grad_enabled(grad_mode):
+            share_of_tasks = TaskBatch(*(t[k::n_threads] for t in tasks[:4]))
+            return meta_gradient_task_by_task(
+                task_losses[k], params, share_of_tasks, inner_lrs, steps, first_order, inputs, meta_batch_size=n_tasks
+            )
+
+    threads_before = torch.get_num_threads()
+    try:
+        shares = list(pool.map(share, range(n_threads)))
+    finally:
+        torch.set_num_threads(threads_before)
+    total = sum(loss for loss, _ in shares)
+    return total, [sum(gs) for gs in zip(*(g for _, g in shares))]
+
+
 class _PrecomputedGradient(torch.autograd.Function):
     """Returns ``loss``; its backward gives every input its precomputed gradient (times grad_output)."""
 
@@ -198,6 +235,7 @@ def functional_loss(module: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tenso
 
 LEARN_INNER_LR = (False, True, "per_tensor", "per_element")
 BATCHED = ("auto", True, False)
+THREADS = ("auto",)  # or an int >= 1
 
 # Layers the batched (vmap) path is measured to lose on, or to get wrong (BENCHMARKS.md):
 # batched is 12x faster than a per-task loop on the sinusoid MLP, while vmap was 4x
@@ -208,6 +246,11 @@ _LOOP_LAYERS = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.RNNB
 def prefers_batched(module: nn.Module) -> bool:
     """The measured choice: vmap over tasks unless the model has conv, norm or RNN layers."""
     return not any(isinstance(m, _LOOP_LAYERS) for m in module.modules())
+
+
+def updates_buffers(module: nn.Module) -> bool:
+    """Whether a forward pass writes the module's buffers (batch-norm running statistics)."""
+    return any(isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats for m in module.modules())
 
 
 class MAML(nn.Module):
@@ -224,6 +267,11 @@ class MAML(nn.Module):
             (Meta-SGD, Li et al. 2017).
         batched: ``True`` adapts the meta-batch in one vmapped call, ``False`` loops
             over tasks, ``"auto"`` picks what measured faster for the model's layers.
+        task_threads: on the looped path, how many tasks run side by side, each on
+            its own thread with one intra-op thread. ``"auto"`` uses as many as
+            ``torch.get_num_threads()`` on CPU (1 on other devices, or when a forward
+            pass updates buffers such as batch-norm running statistics, which
+            threads would race on); the result is the same for any number.
         compile: compute the meta-gradient with ``torch.func`` transforms compiled
             by ``torch.compile`` (batched path only; the first call compiles, which
             takes tens of seconds). ``meta_loss(...).backward()`` works the same. If
@@ -252,6 +300,7 @@ class MAML(nn.Module):
         learn_inner_lr: bool | str = False,
         batched: bool | str = "auto",
         compile: bool = False,
+        task_threads: int | str = "auto",
     ):
         super().__init__()
         if not inner_lr >= 0:
@@ -262,6 +311,8 @@ class MAML(nn.Module):
             raise ValueError(f"learn_inner_lr must be one of {LEARN_INNER_LR}, got {learn_inner_lr!r}")
         if batched not in BATCHED:
             raise ValueError(f"batched must be one of {BATCHED}, got {batched!r}")
+        if not (task_threads == "auto" or (isinstance(task_threads, int) and not isinstance(task_threads, bool) and task_threads >= 1)):
+            raise ValueError(f"task_threads must be 'auto' or an integer >= 1, got {task_threads!r}")
         self.module = model
         self.loss_fn = loss_fn
         self.inner_lr = float(inner_lr)
@@ -277,6 +328,40 @@ class MAML(nn.Module):
                 shape = p.shape if learn_inner_lr == "per_element" else ()
                 self.inner_lrs.append(nn.Parameter(torch.full(shape, self.inner_lr, dtype=p.dtype)))
         self._task_loss = functional_loss(model, loss_fn)
+        self.task_threads = task_threads
+        self._replica_modules: list[nn.Module] = []  # one per thread, made on first use (not submodules)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
+
+    def _threads_for(self, n_tasks: int, device: torch.device) -> int:
+        """How many tasks run side by side on the looped path (see ``task_threads``)."""
+        if self.task_threads != "auto":
+            return min(self.task_threads, n_tasks)
+        if device.type != "cpu" or updates_buffers(self.module):
+            return 1
+        return max(1, min(torch.get_num_threads(), n_tasks))
+
+    def _replicas(self, n: int) -> tuple[list[nn.Module], ThreadPoolExecutor]:
+        """``n`` replicas of the module (their own parameters are never used) and a pool of ``n`` threads."""
+        while len(self._replica_modules) < n:
+            self._replica_modules.append(copy.deepcopy(self.module).requires_grad_(False))
+        if self._pool is None or self._pool_size < n:
+            if self._pool is not None:
+                self._pool.shutdown()
+            self._pool, self._pool_size = ThreadPoolExecutor(n, thread_name_prefix="fewshot-task"), n
+        return self._replica_modules[:n], self._pool
+
+    def _replica_call(self, replica: nn.Module, params: Params, x: Tensor) -> Tensor:
+        """f_params(x) computed on a replica, with this module's buffers."""
+        return functional_call(replica, {**dict(self.module.named_buffers()), **params}, (x,))
+
+    def _replica_loss(self, replica: nn.Module) -> TaskLoss:
+        return lambda params, x, y: self.loss_fn(self._replica_call(replica, params, x), y)
+
+    def __getstate__(self):  # a thread pool cannot be pickled or deep-copied; it is rebuilt on use
+        state = self.__dict__.copy()
+        state["_pool"], state["_pool_size"], state["_replica_modules"] = None, 0, []
+        return state
 
     def meta_parameters(self) -> Params:
         """theta, as a dict of the model's own parameter tensors (gradients flow to them)."""
@@ -326,9 +411,16 @@ class MAML(nn.Module):
         inputs = [x for x in (*self.module.parameters(), *self.inner_lrs) if x.requires_grad]
         if not (torch.is_grad_enabled() and inputs):
             return meta_objective_looped(self._task_loss, self.meta_parameters(), tasks, self.step_sizes(), steps, first_order)
-        loss, grads = meta_gradient_task_by_task(
-            self._task_loss, self.meta_parameters(), tasks, self.step_sizes(), steps, first_order, inputs
-        )
+        n_threads = self._threads_for(tasks.support_x.shape[0], tasks.support_x.device)
+        if n_threads > 1:
+            replicas, pool = self._replicas(n_threads)
+            loss, grads = meta_gradient_in_threads(
+                [self._replica_loss(r) for r in replicas], self.meta_parameters(), tasks, self.step_sizes(), steps, first_order, inputs, pool
+            )
+        else:
+            loss, grads = meta_gradient_task_by_task(
+                self._task_loss, self.meta_parameters(), tasks, self.step_sizes(), steps, first_order, inputs
+            )
         return _PrecomputedGradient.apply(loss, tuple(grads), *inputs)
 
     def _compiled_meta_loss(self, tasks: TaskBatch, steps: int, first_order: bool) -> Tensor:
@@ -356,7 +448,25 @@ class MAML(nn.Module):
         theta = {n: p.detach() for n, p in self.meta_parameters().items()}
         if self.batched:
             return _curve(vmap(self._task_loss), vmap(self.forward), per_task_copies(theta, len(tasks.support_x)), tasks, lrs, max_steps)
-        per_task = [_curve(self._task_loss, self.forward, theta, tasks.task(i), lrs, max_steps) for i in range(len(tasks.support_x))]
+        n_tasks = len(tasks.support_x)
+        n_threads = self._threads_for(n_tasks, tasks.support_x.device)
+        if n_threads == 1:
+            per_task = [_curve(self._task_loss, self.forward, theta, tasks.task(i), lrs, max_steps) for i in range(n_tasks)]
+            return [torch.stack(step) for step in zip(*per_task)]
+        replicas, pool = self._replicas(n_threads)
+
+        def curves_of_share(k: int) -> list[list[Tensor]]:
+            torch.set_num_threads(1)
+            forward = lambda x, params: self._replica_call(replicas[k], params, x)  # noqa: E731
+            loss = self._replica_loss(replicas[k])
+            return [_curve(loss, forward, theta, tasks.task(i), lrs, max_steps) for i in range(k, n_tasks, n_threads)]
+
+        threads_before = torch.get_num_threads()
+        try:
+            shares = list(pool.map(curves_of_share, range(n_threads)))
+        finally:
+            torch.set_num_threads(threads_before)
+        per_task = [shares[i % n_threads][i // n_threads] for i in range(n_tasks)]
         return [torch.stack(step) for step in zip(*per_task)]
 
 

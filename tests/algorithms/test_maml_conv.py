@@ -76,3 +76,35 @@ def test_an_episode_is_scored_the_same_whatever_shares_its_batch():
     together = maml.adaptation_curve(batch, 2)[-1][0]
     alone = maml.adaptation_curve(TaskBatch(*(t[:1] for t in batch[:4])), 2)[-1][0]
     assert torch.allclose(together, alone, atol=1e-12)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_tasks_on_threads_equal_one_task_at_a_time(first_order):
+    # task_threads deals the meta-batch out to threads (each with its own module replica);
+    # loss, meta-gradient and evaluation curve must not change with the number of threads
+    batch = episodes(n_tasks=5)
+    results = []
+    threads_before = torch.get_num_threads()
+    for threads in (1, 2, 3):
+        maml = MAML(tiny_conv(), F.cross_entropy, 0.4, 2, first_order=first_order, task_threads=threads)
+        loss = maml.meta_loss(batch)
+        grad = flat_meta_grad(maml, batch)
+        curve = torch.stack(maml.adaptation_curve(batch, 3))
+        results.append((loss.detach(), grad, curve))
+    for loss, grad, curve in results[1:]:
+        assert torch.allclose(loss, results[0][0], rtol=1e-12)
+        assert rel_error(grad, results[0][1]) < 1e-12
+        assert torch.allclose(curve, results[0][2], atol=1e-12)
+    assert torch.get_num_threads() == threads_before  # the caller's intra-op thread count is restored
+
+
+def test_task_threads_choice_and_errors():
+    maml = MAML(tiny_conv(), F.cross_entropy, task_threads="auto")
+    assert maml._threads_for(8, torch.device("cpu")) == max(1, min(torch.get_num_threads(), 8))
+    assert maml._threads_for(8, torch.device("meta")) == 1  # only CPU kernels gain from whole tasks side by side
+    assert MAML(tiny_conv(), F.cross_entropy, task_threads=4)._threads_for(3, torch.device("cpu")) == 3
+    running_stats = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Flatten())
+    assert MAML(running_stats, F.cross_entropy)._threads_for(8, torch.device("cpu")) == 1  # would race on the buffers
+    for bad in (0, -1, 1.5, "two", True):
+        with pytest.raises(ValueError, match="task_threads must be 'auto' or an integer >= 1"):
+            MAML(tiny_conv(), F.cross_entropy, task_threads=bad)
