@@ -1,37 +1,54 @@
 #!/usr/bin/env bash
-# MAML speed beside the peers, interleaved in one run (BENCHMARKS.md, "Speed").
-#   bash benchmarks/speed.sh                 # sine workload, 3 rounds
-#   WORKLOADS="sine omniglot-5w1s" ROUNDS=2 bash benchmarks/speed.sh
+# MAML speed beside the peers, interleaved in one run (BENCHMARKS.md, "Sinusoid speed", "Omniglot speed").
+#   bash benchmarks/speed.sh                                   # sine workload, 3 rounds
+#   WORKLOADS="omniglot-5w1s omniglot-20w1s" ROUNDS=1 COMPILE=0 bash benchmarks/speed.sh
+#   ORDERS="second first"      orders to time (sine is second order only)
+#   IMPLS="l2l func_loop fewshot fewshot_1thread"   subset/order of implementations (default below)
 # Needs the peers' venv (bash ../shared/peers/setup.sh); fewshot is installed into it
 # without dependencies so every implementation runs on the same torch.
-# Output: benchmarks/results/speed.jsonl (one JSON line per run) and speed.md.
+# Output: benchmarks/results/$NAME.jsonl (one JSON line per run) and $NAME.md (NAME=speed by default).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PEERS=${PEERS_DIR:-$ROOT/../shared/peers}
 PY=${PEERS_VENV:-/tmp/peers-venv}/bin/python
 ROUNDS=${ROUNDS:-3}
 WORKLOADS=${WORKLOADS:-sine}
+ORDERS=${ORDERS:-second}
 COMPILE=${COMPILE:-1}
+IMPLS=${IMPLS:-l2l func_loop func_vmap fewshot}
 OUT=$ROOT/benchmarks/results
+NAME=${NAME:-speed}
 mkdir -p "$OUT"
 [ -x "$PY" ] || { echo "no $PY: run bash $PEERS/setup.sh first" >&2; exit 1; }
 "$PY" -m pip install -q --no-deps -e "$ROOT" >/dev/null
-: > "$OUT/speed.jsonl"
+: > "$OUT/$NAME.jsonl"
 iters() { case $1 in sine) echo 200 ;; omniglot-5w1s) echo 6 ;; *) echo 3 ;; esac; }
-run() {  # run WORKLOAD SCRIPT ARGS...
-  local wl=$1; shift
-  (cd "$PEERS" && timeout 900 "$PY" "$@" --workload "$wl" --order second --iters "$(iters "$wl")" --warmup 3) \
-    >> "$OUT/speed.jsonl" 2>> "$OUT/speed.log" || echo "FAILED: $* $wl" >&2
+warmup() { case $1 in sine) echo 3 ;; *) echo 1 ;; esac; }
+run() {  # run WORKLOAD ORDER SCRIPT ARGS...
+  local wl=$1 order=$2; shift 2
+  (cd "$PEERS" && timeout 900 "$PY" "$@" --workload "$wl" --order "$order" --iters "$(iters "$wl")" --warmup "$(warmup "$wl")") \
+    >> "$OUT/$NAME.jsonl" 2>> "$OUT/$NAME.log" || echo "FAILED: $* $wl $order" >&2
 }
 for r in $(seq 1 "$ROUNDS"); do
   for wl in $WORKLOADS; do
-    echo "round $r/$ROUNDS: $wl" >&2
-    run "$wl" bench_l2l.py
-    run "$wl" bench_func_loop.py
-    run "$wl" bench_func_vmap.py
-    run "$wl" "$ROOT/benchmarks/bench_fewshot.py"
-    if [ "$COMPILE" = 1 ]; then run "$wl" "$ROOT/benchmarks/bench_fewshot.py" --compile; fi
+    for order in $ORDERS; do
+      [ "$wl" = sine ] && [ "$order" = first ] && continue
+      echo "round $r/$ROUNDS: $wl $order" >&2
+      for impl in $IMPLS; do
+        case $impl in
+          l2l) run "$wl" "$order" bench_l2l.py ;;
+          higher) run "$wl" "$order" bench_higher.py ;;
+          torchopt) run "$wl" "$order" bench_torchopt.py ;;
+          func_loop) run "$wl" "$order" bench_func_loop.py ;;
+          func_vmap) run "$wl" "$order" bench_func_vmap.py ;;
+          fewshot) run "$wl" "$order" "$ROOT/benchmarks/bench_fewshot.py"
+                   if [ "$COMPILE" = 1 ]; then run "$wl" "$order" "$ROOT/benchmarks/bench_fewshot.py" --compile; fi ;;
+          fewshot_1thread) run "$wl" "$order" "$ROOT/benchmarks/bench_fewshot.py" --task-threads 1 ;;
+          *) echo "unknown implementation $impl" >&2; exit 2 ;;
+        esac
+      done
+    done
   done
 done
-"$PY" "$PEERS/summarize.py" "$OUT/speed.jsonl" > "$OUT/speed.md"
-cat "$OUT/speed.md"
+"$PY" "$PEERS/summarize.py" "$OUT/$NAME.jsonl" > "$OUT/$NAME.md"
+cat "$OUT/$NAME.md"

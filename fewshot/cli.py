@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", type=Path, help="folder for the PNGs (default: the first RUN_DIR)")
     for command in (train, evaluate, plot):
         command.add_argument("--data-root", help="folder holding the datasets (default: $FEWSHOT_DATA, else the per-user data folder)")
+        command.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, or auto (cuda when present); not part of the run's config")
 
     data = sub.add_parser("data", help="check a dataset and build its cache; prints its splits")
     data.add_argument("dataset", choices=["omniglot", "miniimagenet"], help="the dataset")
@@ -64,13 +65,16 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args) -> int:
     from fewshot.train import TrainingDiverged, TrainingInterrupted, prepare_run_dir, rank_and_world, train
 
+    from fewshot.device import resolve_device
+
+    resolve_device(args.device)  # a bad --device fails before the run directory is touched
     flags = [f"{k}={v}" for k, v in (("iterations", args.iterations), ("seed", args.seed)) if v is not None]
     config = cfg.with_overrides(cfg.preset(args.preset), args.set + flags)
     explicit = {a.partition("=")[0] for a in args.set + flags}
     run_dir = args.out or Path("runs") / args.preset
     config, resume = prepare_run_dir(run_dir, config, args.resume, {k: getattr(config, k) for k in explicit})
     try:
-        train(run_dir, config, resume=resume, progress=not args.no_progress)
+        train(run_dir, config, resume=resume, progress=not args.no_progress, device=args.device)
     except TrainingInterrupted as e:
         print(f"fewshot train: {e}", file=sys.stderr)
         return 130
@@ -82,14 +86,16 @@ def _train(args) -> int:
     return 0
 
 
-def _evaluated_runs(run_dirs: list[Path]) -> dict[str, tuple]:
+def _evaluated_runs(run_dirs: list[Path], device: str = "cpu") -> dict[str, tuple]:
     """name -> (config, method, result) for every run, results saved into each run directory."""
     from fewshot import evaluate
+    from fewshot.device import resolve_device
     from fewshot.train import load_run
 
+    resolve_device(device)  # a bad --device is reported before any run is read
     runs = {}
     for run_dir in run_dirs:
-        config, method, state = load_run(run_dir)
+        config, method, state = load_run(run_dir, device)
         result = evaluate.evaluate(method, config)
         evaluate.save(result, run_dir, state["iteration"])
         name = run_dir.name if run_dir.name and run_dir.name not in runs else str(run_dir)
@@ -100,7 +106,7 @@ def _evaluated_runs(run_dirs: list[Path]) -> dict[str, tuple]:
 def _eval(args) -> int:
     from fewshot.evaluate import markdown_table
 
-    results = {name: result for name, (_, _, result) in _evaluated_runs(args.run_dirs).items()}
+    results = {name: result for name, (_, _, result) in _evaluated_runs(args.run_dirs, args.device).items()}
     if args.json:
         for result in results.values():
             print(json.dumps(result))
@@ -112,7 +118,7 @@ def _eval(args) -> int:
 def _plot(args) -> int:
     from fewshot import plots
 
-    runs = _evaluated_runs(args.run_dirs)
+    runs = _evaluated_runs(args.run_dirs, args.device)
     out = args.out or args.run_dirs[0]
     out.mkdir(parents=True, exist_ok=True)
     paths = [plots.figure3({name: result for name, (_, _, result) in runs.items()}, out)]

@@ -11,6 +11,7 @@ from torch import nn
 from fewshot import experiment
 from fewshot.checkpoint import atomic_write_text
 from fewshot.config import Config
+from fewshot.device import device_of
 from fewshot.metrics import mean_ci95
 from fewshot.tasks.sinusoid import with_shots
 
@@ -60,9 +61,11 @@ def evaluate(method: nn.Module, config: Config) -> dict:
 def _curve(method: nn.Module, config: Config, batches) -> list[dict]:
     """Per step 0..eval_steps, the summary over every task of ``batches``."""
     per_step: list[list[torch.Tensor]] = [[] for _ in range(config.eval_steps + 1)]
+    device = device_of(method)
     for batch in batches:
+        batch = batch.to(device)
         for step, predictions in enumerate(method.adaptation_curve(batch, config.eval_steps)):
-            per_step[step].append(experiment.per_task_error(config, predictions, batch.query_y))
+            per_step[step].append(experiment.per_task_error(config, predictions, batch.query_y).cpu())
     return [_summary(step, torch.cat(scores)) for step, scores in enumerate(per_step)]
 
 

@@ -17,6 +17,7 @@ from fewshot.algorithms import MAML, Oracle, Pretrained, TaskBatch
 from fewshot.algorithms.metric import matching_network, prototypical_network
 from fewshot.algorithms.pretrained_classifier import PretrainedClassifier
 from fewshot.config import Config
+from fewshot.device import device_of
 from fewshot.models import Conv4, maml_init_, mlp
 from fewshot.tasks import sinusoid
 from fewshot.tasks.data_root import cache_root
@@ -137,5 +138,6 @@ def prepare_for_evaluation(method: nn.Module, config: Config) -> dict:
     """Anything a method settles on meta-validation data before meta-test; returns what it chose."""
     if isinstance(method, Pretrained) and config.tune_inner_lr:
         (val,) = validation_tasks(config)
+        val = val.to(device_of(method))
         return {"finetune_lr": method.tune_step_size(val, config.eval_steps)}
     return {}

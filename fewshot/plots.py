@@ -8,6 +8,7 @@ import torch
 
 from fewshot import experiment
 from fewshot.algorithms import TaskBatch
+from fewshot.device import device_of
 from fewshot.tasks.sinusoid import X_RANGE, Sinusoids, with_shots
 
 FIGURE_STEPS = (0, 1, 10)
@@ -33,7 +34,7 @@ def figure2(runs: dict[str, tuple], out: Path, task_index: int = 0, shots: tuple
         for row, k in enumerate(shots):
             one = with_shots(test, k)
             dense = TaskBatch(one.support_x[task_index : task_index + 1], one.support_y[task_index : task_index + 1], grid, task(grid), test.info[task_index : task_index + 1])
-            curve = method.adaptation_curve(dense, max(FIGURE_STEPS))
+            curve = [p.cpu() for p in method.adaptation_curve(dense.to(device_of(method)), max(FIGURE_STEPS))]
             ax = axes[row][col]
             ax.plot(grid[0, :, 0], dense.query_y[0, :, 0], color="tab:red", label="ground truth")
             for step, style in zip(FIGURE_STEPS, (":", "--", "-")):

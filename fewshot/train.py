@@ -31,6 +31,7 @@ from torch import nn
 from fewshot import experiment
 from fewshot.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from fewshot.config import Config, ConfigError, load, to_toml
+from fewshot.device import resolve_device
 from fewshot.tasks.base import TaskBatch
 
 CONFIG_FILE, CHECKPOINT_FILE, METRICS_FILE = "config.toml", "checkpoint.pt", "metrics.csv"
@@ -46,8 +47,8 @@ class TrainingDiverged(Exception):
     """A non-finite loss or gradient; the message names the iteration and the kept checkpoint."""
 
 
-def load_run(run_dir: Path) -> tuple[Config, nn.Module, dict]:
-    """The config, the method with the checkpoint's weights, and the checkpoint itself."""
+def load_run(run_dir: Path, device: str | None = None) -> tuple[Config, nn.Module, dict]:
+    """The config, the method with the checkpoint's weights (on ``device``), and the checkpoint itself."""
     run_dir = Path(run_dir)
     for name in (CONFIG_FILE, CHECKPOINT_FILE):
         if not (run_dir / name).is_file():
@@ -56,7 +57,7 @@ def load_run(run_dir: Path) -> tuple[Config, nn.Module, dict]:
     state = load_checkpoint(run_dir / CHECKPOINT_FILE)
     method = experiment.build_method(config)
     method.load_state_dict(state["method"])
-    return config, method, state
+    return config, method.to(resolve_device(device)), state
 
 
 def prepare_run_dir(run_dir: Path, config: Config, resume: bool, overrides: dict) -> tuple[Config, bool]:
@@ -87,7 +88,8 @@ def rank_and_world() -> tuple[int, int]:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        gpu = torch.cuda.is_available() and dist.is_nccl_available()
+        dist.init_process_group("cpu:gloo,cuda:nccl" if gpu else "gloo")  # the backend follows each tensor's device
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -114,13 +116,14 @@ def _sum_over_processes(method: nn.Module, loss: torch.Tensor, world: int) -> to
     return flat[-1]
 
 
-def train(run_dir: Path, config: Config, resume: bool = False, progress: bool = True) -> nn.Module:
-    """Meta-train ``config`` in ``run_dir`` (already prepared); returns the trained method."""
+def train(run_dir: Path, config: Config, resume: bool = False, progress: bool = True, device: str | None = None) -> nn.Module:
+    """Meta-train ``config`` in ``run_dir`` (already prepared) on ``device``; returns the trained method."""
     run_dir = Path(run_dir)
     rank, world = rank_and_world()
     if world > config.meta_batch:
         raise ConfigError(f"{world} processes for meta_batch={config.meta_batch}: allowed: at most meta_batch processes")
-    method = experiment.build_method(config)  # seeds the initial weights from config.seed
+    device = resolve_device(device)
+    method = experiment.build_method(config).to(device)  # seeds the initial weights from config.seed
     optimizer = _adam(method.parameters(), config.outer_lr)
     task_stream = torch.Generator().manual_seed(config.seed)
     start, interval_losses = 0, []
@@ -133,7 +136,7 @@ def train(run_dir: Path, config: Config, resume: bool = False, progress: bool = 
         start = state["iteration"]
         interval_losses = state["interval_losses"]
     metrics = _MetricsLog(run_dir / METRICS_FILE, metrics_columns(config), keep_until=start)
-    val_tasks = experiment.validation_tasks(config) if rank == 0 else []
+    val_tasks = [b.to(device) for b in experiment.validation_tasks(config)] if rank == 0 else []
 
     def checkpoint(iteration: int) -> None:
         if rank != 0:
@@ -154,7 +157,7 @@ def train(run_dir: Path, config: Config, resume: bool = False, progress: bool = 
     losses, t0, last_checkpoint = interval_losses, time.perf_counter(), start
     with _CtrlC() as ctrl_c:
         for iteration in range(start + 1, config.iterations + 1):
-            batch = experiment.training_batch(config, task_stream)  # the same on every process
+            batch = experiment.training_batch(config, task_stream).to(device)  # the same on every process
             optimizer.zero_grad(set_to_none=True)
             loss = _share_of_meta_batch(method, batch, rank, world)
             loss.backward()  # a non-finite loss gives non-finite gradients: caught below, before the step

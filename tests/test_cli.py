@@ -63,6 +63,8 @@ def test_resume_extends_a_finished_run(runs, tmp_path):
         (["train", "sine-maml", "--iterations", "0"], "iterations=0: must be >= 1"),
         (["eval", "no/such/run"], "run directory no/such/run: no config.toml"),
         (["plot", "no/such/run"], "run directory no/such/run: no config.toml"),
+        (["train", "sine-maml", "--device", "tpu"], "--device 'tpu': allowed: cpu, cuda, cuda:N, auto"),
+        (["eval", "no/such/run", "--device", "gpu0"], "--device 'gpu0': allowed: cpu, cuda, cuda:N, auto"),
     ],
 )
 def test_bad_input_exits_2_naming_the_argument(argv, message, capsys, tmp_path, monkeypatch):
@@ -71,6 +73,26 @@ def test_bad_input_exits_2_naming_the_argument(argv, message, capsys, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "runs").exists()  # nothing half-written
+
+
+def test_device_cuda_trains_on_the_gpu_or_exits_2_where_there_is_none(tmp_path, capsys):
+    import torch
+
+    out = tmp_path / "gpu-run"
+    code = main(["train", "sine-maml", "--out", str(out), "--device", "cuda", *TINY])
+    if torch.cuda.is_available():
+        assert code == 0 and main(["eval", str(out), "--device", "cuda", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out.splitlines()[-1])["n_tasks"] == 30
+    else:
+        assert code == 2 and "no CUDA GPU is available here" in capsys.readouterr().err
+        assert not out.exists()  # nothing half-written
+
+
+def test_device_auto_is_the_cpu_here_and_a_run_resumes_on_another_device(runs, tmp_path):
+    out = str(tmp_path / "auto")
+    assert main(["train", "sine-fomaml", "--out", out, "--device", "auto", *TINY]) == 0
+    assert main(["train", "sine-fomaml", "--out", out, "--device", "cpu", "--resume", "--iterations", "30", "--no-progress"]) == 0
+    assert main(["eval", out, "--device", "auto", "--json"]) == 0
 
 
 def test_existing_run_needs_resume_and_resume_cannot_change_the_config(runs, capsys):

@@ -143,7 +143,7 @@ def meta_gradient_task_by_task(
     ``meta_batch_size`` is B when ``tasks`` is only a share of the meta-batch.
     """
     n_tasks = meta_batch_size or tasks.support_x.shape[0]
-    total, grads = torch.zeros(()), [torch.zeros_like(x) for x in inputs]
+    total, grads = inputs[0].new_zeros(()), [torch.zeros_like(x) for x in inputs]
     for i in range(tasks.support_x.shape[0]):
         loss = query_loss_after_adaptation(task_loss, params, tasks.task(i), inner_lrs, steps, first_order) / n_tasks
         for grad, task_grad in zip(grads, torch.autograd.grad(loss, inputs, materialize_grads=True)):

@@ -18,7 +18,7 @@ from fewshot.tasks.base import TaskBatch
 
 def class_means(embeddings: Tensor, labels: Tensor, n_way: int) -> Tensor:
     """(S, D) embeddings, (S,) labels 0..N-1 -> (N, D) per-class means (the prototypes c_k, eq. 1)."""
-    sums = torch.zeros(n_way, embeddings.shape[1], dtype=embeddings.dtype).index_add_(0, labels, embeddings)
+    sums = embeddings.new_zeros(n_way, embeddings.shape[1]).index_add_(0, labels, embeddings)
     counts = torch.bincount(labels, minlength=n_way).clamp_min(1).to(embeddings.dtype)
     return sums / counts[:, None]
 

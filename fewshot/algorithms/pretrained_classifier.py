@@ -64,7 +64,7 @@ class PretrainedClassifier(nn.Module):
             z = F.normalize(self.features(torch.cat([task.support_x, task.query_x])).flatten(1), dim=1)
             support, query = z[: len(task.support_x)], z[len(task.support_x) :]
             similarity = query @ support.T  # (Q, S)
-            per_class = torch.full((len(query), self.n_way), -2.0).scatter_reduce(
+            per_class = similarity.new_full((len(query), self.n_way), -2.0).scatter_reduce(
                 1, task.support_y.expand(len(query), -1), similarity, reduce="amax"
             )
             scores.append(per_class)

@@ -30,6 +30,10 @@ class TaskBatch(NamedTuple):
     def support(self) -> tuple[Tensor, Tensor]:
         return self.support_x, self.support_y
 
+    def to(self, device: torch.device | str) -> "TaskBatch":
+        """Every tensor of the batch on ``device``."""
+        return TaskBatch(*(None if t is None else t.to(device) for t in self))
+
     def task(self, i: int) -> "TaskBatch":
         """Task ``i`` alone, without the batch dimension."""
         info = None if self.info is None else self.info[i]
