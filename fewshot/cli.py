@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 from fewshot import config as cfg
+from fewshot.rl import cli as rl_cli
+from fewshot.rl import config as rl_cfg
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = sub.add_parser("train", help="meta-train a preset into a run directory")
-    train.add_argument("preset", metavar="PRESET", help=f"one of: {', '.join(cfg.PRESETS)}")
+    train.add_argument("preset", metavar="PRESET", help=f"one of: {', '.join([*cfg.PRESETS, *rl_cfg.PRESETS])}")
     train.add_argument("--out", type=Path, help="run directory (default: runs/PRESET)")
     train.add_argument("--iterations", type=int, help="meta-iterations (overrides the preset)")
     train.add_argument("--seed", type=int, help="seed of weights and task stream (overrides the preset)")
@@ -62,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args) -> int:
+    if rl_cli.is_rl(args.preset):  # meta-RL presets (fewshot.rl)
+        return rl_cli.train(args)
     from fewshot.train import TrainingDiverged, TrainingInterrupted, prepare_run_dir, rank_and_world, train
 
     flags = [f"{k}={v}" for k, v in (("iterations", args.iterations), ("seed", args.seed)) if v is not None]
@@ -98,6 +102,8 @@ def _evaluated_runs(run_dirs: list[Path]) -> dict[str, tuple]:
 
 
 def _eval(args) -> int:
+    if rl_cli.is_rl(args.run_dirs):
+        return rl_cli.evaluate(args)
     from fewshot.evaluate import markdown_table
 
     results = {name: result for name, (_, _, result) in _evaluated_runs(args.run_dirs).items()}
@@ -110,6 +116,8 @@ def _eval(args) -> int:
 
 
 def _plot(args) -> int:
+    if rl_cli.is_rl(args.run_dirs):
+        return rl_cli.plot(args)
     from fewshot import plots
 
     runs = _evaluated_runs(args.run_dirs)
@@ -144,6 +152,7 @@ def _data(args) -> int:
 
 def _presets(args) -> int:
     print(cfg.describe())
+    print("\nmeta-RL " + rl_cfg.describe())
     return 0
 
 
