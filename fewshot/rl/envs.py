@@ -47,9 +47,9 @@ class Navigation2DEnv(gym.Env):
     Observation: the position (with ``goal_in_observation``, also the goal: the
     oracle's input). Action: a velocity, clipped to [-0.1, 0.1] per coordinate.
     Reward: minus the distance to the goal (``reward="distance"``) or minus its
-    square (``"squared"``). The episode ends within 0.01 of the goal; gymnasium's
-    TimeLimit cuts it at 100 steps (``gymnasium.make`` is not needed:
-    ``max_episode_steps`` is set on the spec by ``make_env``).
+    square (``"squared"``). The episode ends within 0.01 of the goal; the horizon
+    (100 steps) is gymnasium's TimeLimit: ``make_env("nav2d")`` or
+    ``gymnasium.make("fewshot/Navigation2D-v0")``.
     """
 
     metadata = {"render_modes": []}
@@ -225,3 +225,8 @@ def make_env(env: str, task: dict | None = None, **kwargs) -> gym.Env:
     if env == "nav2d":
         return TimeLimit(Navigation2DEnv(task, **kwargs), NAV_HORIZON)
     return TimeLimit(HalfCheetahTaskEnv(env, task, **kwargs), CHEETAH_HORIZON)
+
+
+gym.register("fewshot/Navigation2D-v0", entry_point=Navigation2DEnv, max_episode_steps=NAV_HORIZON)
+gym.register("fewshot/HalfCheetahVel-v0", entry_point=HalfCheetahTaskEnv, kwargs={"kind": "cheetah-vel"}, max_episode_steps=CHEETAH_HORIZON)
+gym.register("fewshot/HalfCheetahDir-v0", entry_point=HalfCheetahTaskEnv, kwargs={"kind": "cheetah-dir"}, max_episode_steps=CHEETAH_HORIZON)

@@ -27,6 +27,12 @@ def test_navigation_env_passes_gymnasium_check_env_and_follows_the_task():
     squared = envs.Navigation2DEnv({"goal": np.array([0.05, 0.0])}, reward="squared")
     squared.reset(seed=0)
     assert squared.step(np.array([0.05, 0.0]))[1:3] == (pytest.approx(0.0), True)  # at the goal: done
+    made = gymnasium.make("fewshot/Navigation2D-v0")
+    made.reset(seed=0)
+    steps = 1
+    while not made.step(np.zeros(2))[3]:  # until truncated
+        steps += 1
+    assert steps == envs.NAV_HORIZON
     with pytest.raises(ValueError, match="reward='l1': allowed values are distance, squared"):
         envs.Navigation2DEnv(reward="l1")
 
