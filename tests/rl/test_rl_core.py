@@ -111,6 +111,9 @@ def test_kl_hessian_vector_product_through_the_inner_update_equals_finite_differ
     minus = kl_gradient((theta.detach() - eps * vector).requires_grad_())
     finite = (plus - minus) / (2 * eps)
     assert (hvp - finite).norm() < 1e-4 * finite.norm()  # ReLU kinks crossed by +-eps keep it from exact
+    # the Gauss-Newton form used by the TRPO step is exact at the sampling point
+    gauss_newton = maml_rl.gauss_newton_kl_hvp(policy, theta.detach(), like, batch, config)(vector)
+    assert (gauss_newton - finite).norm() < 1e-4 * finite.norm()
     # the second-order terms matter: the first-order product is a different matrix
     _, kl_fo = maml_rl.surrogate_and_kl(policy, maml_rl.unflatten(theta, like), batch, config, first_order=True)
     hvp_fo = trpo.hessian_vector_product(torch.autograd.grad(kl_fo, theta, create_graph=True)[0], theta)(vector)
