@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from fewshot.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-from fewshot.config import ConfigError, load, to_toml
+from fewshot.checkpoint import load_checkpoint, save_checkpoint
+from fewshot.config import ConfigError, load
 from fewshot.rl import envs, maml_rl, rollouts
 from fewshot.rl.config import RLConfig
 from fewshot.rl.policy import GaussianPolicy
+from fewshot.train import prepare_run_dir  # noqa: F401  (shared with supervised runs; re-exported)
 from fewshot.train import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, TrainingDiverged, TrainingInterrupted, _CtrlC, _MetricsLog, _progress
 
 COLUMNS = ("iteration", "return_before", "return_after", "surrogate_after", "kl", "backtracks", "seconds", "env_steps_per_second")
@@ -43,24 +44,6 @@ def load_run(run_dir: Path) -> tuple[RLConfig, GaussianPolicy, dict]:
     policy = build_policy(config)
     policy.load_state_dict(state["policy"])
     return config, policy, state
-
-
-def prepare_run_dir(run_dir: Path, config: RLConfig, resume: bool, overrides: dict) -> tuple[RLConfig, bool]:
-    """As ``fewshot.train.prepare_run_dir``: a new run's config is written, a resumed one's read (only iterations may change)."""
-    run_dir = Path(run_dir)
-    resume = resume and (run_dir / CHECKPOINT_FILE).is_file()
-    if resume:
-        stored = load(run_dir / CONFIG_FILE, cls=RLConfig)
-        changed = sorted(k for k, v in overrides.items() if getattr(stored, k) != v and k != "iterations")
-        if changed:
-            raise ConfigError(f"--resume: cannot change {', '.join(changed)} of an existing run (only --iterations)")
-        config = RLConfig(**{**stored.__dict__, "iterations": overrides.get("iterations", stored.iterations)})
-    else:
-        if (run_dir / CHECKPOINT_FILE).exists():
-            raise ConfigError(f"--out {run_dir}: holds a run already; pass --resume or choose another --out")
-        run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / CONFIG_FILE, to_toml(config))
-    return config, resume
 
 
 def train(run_dir: Path, config: RLConfig, resume: bool = False, progress: bool = True) -> GaussianPolicy:
