@@ -64,12 +64,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args) -> int:
-    if rl_cli.is_rl(args.preset):  # meta-RL presets (fewshot.rl)
-        return rl_cli.train(args)
     from fewshot.train import TrainingDiverged, TrainingInterrupted, prepare_run_dir, rank_and_world, train
 
+    preset = cfg.preset
+    if rl_cli.is_rl(args.preset):  # meta-RL presets: fewshot.rl's config and training loop
+        train, preset = rl_cli.training()
     flags = [f"{k}={v}" for k, v in (("iterations", args.iterations), ("seed", args.seed)) if v is not None]
-    config = cfg.with_overrides(cfg.preset(args.preset), args.set + flags)
+    config = cfg.with_overrides(preset(args.preset), args.set + flags)
     explicit = {a.partition("=")[0] for a in args.set + flags}
     run_dir = args.out or Path("runs") / args.preset
     config, resume = prepare_run_dir(run_dir, config, args.resume, {k: getattr(config, k) for k in explicit})

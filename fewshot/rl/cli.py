@@ -6,7 +6,6 @@ import json
 import sys
 from pathlib import Path
 
-from fewshot.config import with_overrides
 from fewshot.rl import config as rl_config
 
 
@@ -23,26 +22,12 @@ def _require_gymnasium() -> None:
         raise rl_config.ConfigError("meta-RL needs gymnasium (and mujoco for HalfCheetah): pip install 'fewshot[rl]'") from None
 
 
-def train(args) -> int:
+def training():
+    """(the training function, the preset lookup) of meta-RL runs, for ``fewshot train``."""
     _require_gymnasium()
-    from fewshot.rl.train import prepare_run_dir, train
-    from fewshot.train import TrainingDiverged, TrainingInterrupted
+    from fewshot.rl.train import train
 
-    flags = [f"{k}={v}" for k, v in (("iterations", args.iterations), ("seed", args.seed)) if v is not None]
-    config = with_overrides(rl_config.preset(args.preset), args.set + flags)
-    explicit = {a.partition("=")[0] for a in args.set + flags}
-    run_dir = args.out or Path("runs") / args.preset
-    config, resume = prepare_run_dir(run_dir, config, args.resume, {k: getattr(config, k) for k in explicit})
-    try:
-        train(run_dir, config, resume=resume, progress=not args.no_progress)
-    except TrainingInterrupted as e:
-        print(f"fewshot train: {e}", file=sys.stderr)
-        return 130
-    except TrainingDiverged as e:
-        print(f"fewshot train: error: {e}", file=sys.stderr)
-        return 1
-    print(f"trained {args.preset} for {config.iterations} iterations: {run_dir}")
-    return 0
+    return train, rl_config.preset
 
 
 def evaluate(args) -> int:
