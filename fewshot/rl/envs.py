@@ -11,8 +11,11 @@ with one NumPy expression; HalfCheetah steps N MuJoCo simulations in a loop.
 
 from __future__ import annotations
 
-import numpy as np
+import os
+import sys
+
 import gymnasium as gym
+import numpy as np
 from gymnasium import spaces
 
 from fewshot.rl.config import ENVS, NAV_REWARDS
@@ -116,10 +119,24 @@ class Navigation2DBatch:
 CHEETAH_HORIZON = 200
 
 
-def _half_cheetah_class():
-    from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv  # needs `mujoco` (pip install fewshot[rl])
+def _new_half_cheetah():
+    """gymnasium's HalfCheetah-v5 simulation (needs ``mujoco``: pip install 'fewshot[rl]').
 
-    return HalfCheetahEnv
+    MuJoCo >= 4 prints a deprecation warning about gymnasium's model file to the
+    process's stderr (file descriptor 2) for every model it compiles; it is
+    silenced while the model is built, as a meta-batch builds hundreds.
+    """
+    from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            return HalfCheetahEnv()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def cheetah_sample_tasks(kind: str, n: int, seed: int) -> list[dict]:
@@ -148,7 +165,7 @@ class HalfCheetahTaskEnv(gym.Env):
         if kind not in ENVS[1:]:
             raise ValueError(f"kind={kind!r}: allowed values are {', '.join(ENVS[1:])}")
         self.kind, self.ctrl_cost_weight = kind, ctrl_cost_weight
-        self.sim = _half_cheetah_class()()
+        self.sim = _new_half_cheetah()
         self.observation_space, self.action_space = self.sim.observation_space, self.sim.action_space
         self.set_task(task or cheetah_sample_tasks(kind, 1, 0)[0])
 
