@@ -109,6 +109,7 @@ class Navigation2DBatch:
         return self._observation()
 
     def step(self, actions: np.ndarray):
+        """``actions`` (N, 2): velocities, clipped to [-0.1, 0.1]."""
         self.positions = self.positions + np.clip(actions, -NAV_MAX_SPEED, NAV_MAX_SPEED)
         reward = nav_reward(self.positions, self.goals, self.reward_kind)
         return self._observation(), reward, nav_done(self.positions, self.goals)
@@ -195,6 +196,7 @@ class HalfCheetahBatch:
     _pool: list = []  # MuJoCo models are reused between batches (building one takes milliseconds)
 
     def __init__(self, kind: str, tasks: list[dict], n_trajectories: int):
+        self.kind = kind
         self.tasks = [t for t in tasks for _ in range(n_trajectories)]
         while len(HalfCheetahBatch._pool) < len(self.tasks):
             HalfCheetahBatch._pool.append(HalfCheetahTaskEnv(kind))
@@ -212,6 +214,19 @@ class HalfCheetahBatch:
 
 
 # --------------------------------------------------------------------------- one entry point
+
+
+def to_env_action(env: str, actions: np.ndarray) -> np.ndarray:
+    """The policy acts in [-1, 1] per coordinate, scaled to the environment's action box and clipped.
+
+    As rllab's ``normalize`` wrapper in the MAML authors' code: for 2D navigation
+    a policy action of 1 is the maximal velocity 0.1, so a unit Gaussian is a
+    step of the right size; HalfCheetah's box is [-1, 1] already.
+    """
+    if env == "nav2d":
+        return np.clip(NAV_MAX_SPEED * actions, -NAV_MAX_SPEED, NAV_MAX_SPEED)
+    return np.clip(actions, -1.0, 1.0)
+
 
 
 def sample_tasks(env: str, n: int, seed: int) -> list[dict]:

@@ -111,7 +111,8 @@ def figure4(runs: dict[str, tuple], out: Path, task_index: int = 0, steps: tuple
             episodes = sampled[step]
             length = int(episodes.mask[0, :, 0].sum())
             path = torch.cat([torch.zeros(1, 2), episodes.obs[0, 1:length, 0, :2] if length > 1 else torch.zeros(0, 2)])
-            path = torch.cat([path, (episodes.obs[0, length - 1, 0, :2] + episodes.actions[0, length - 1, 0].clamp(-0.1, 0.1)).view(1, 2)])
+            last_step = torch.as_tensor(envs.to_env_action("nav2d", episodes.actions[0, length - 1, 0].numpy()))
+            path = torch.cat([path, (episodes.obs[0, length - 1, 0, :2] + last_step).view(1, 2)])
             ax.plot(path[:, 0], path[:, 1], style, marker=".", markersize=3, label=f"after {step} step{'s' * (step != 1)}")
         goal = tasks[0]["goal"]
         ax.scatter([goal[0]], [goal[1]], marker="*", s=200, color="tab:red", zorder=3, label="goal")

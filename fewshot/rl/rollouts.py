@@ -1,6 +1,7 @@
 """Trajectories for many tasks at once: a batch of environments, the policy evaluated batched over tasks.
 
-``Episodes`` holds tensors shaped (B tasks, T steps, K trajectories, ...) with a
+The policy's actions live in [-1, 1] per coordinate and are scaled to the
+environment's box (``envs.to_env_action``, as the MAML authors' code). ``Episodes`` holds tensors shaped (B tasks, T steps, K trajectories, ...) with a
 ``mask`` that is 1 up to and including the step an episode ended on. Action noise
 comes from a ``torch.Generator`` and the environments' own randomness from
 ``seed``, so the same seeds give the same trajectories.
@@ -70,7 +71,7 @@ def sample(
         mean, log_std = act(params, obs)  # (B, K, act_dim)
         noise = torch.randn(mean.shape, generator=generator)
         action = mean + torch.exp(log_std) * noise
-        next_obs, reward, done = batch.step(action.reshape(n_tasks * k, -1).double().numpy())
+        next_obs, reward, done = batch.step(envs.to_env_action(env, action.reshape(n_tasks * k, -1).double().numpy()))
         observations.append(obs)
         actions.append(action)
         rewards.append(torch.as_tensor(reward, dtype=torch.float32).view(n_tasks, k) * alive)
