@@ -30,8 +30,14 @@ def test_tasks(config: RLConfig) -> list[dict]:
 
 
 def curve(policy: torch.nn.Module, config: RLConfig) -> list[dict]:
-    """Mean return (and 95% CI over the test tasks) after each number of policy-gradient steps."""
-    returns = maml_rl.adaptation_returns(policy, test_tasks(config), config, config.eval_steps, seed=TEST_TASKS_SEED)
+    """Mean return (and 95% CI over the test tasks) after each number of policy-gradient steps.
+
+    The oracle is told the goal and is not adapted (a flat line, as in the paper's
+    Figure 5): a policy-gradient step on its nearly deterministic policy only hurts.
+    """
+    steps = 0 if config.method == "oracle" else config.eval_steps
+    returns = maml_rl.adaptation_returns(policy, test_tasks(config), config, steps, seed=TEST_TASKS_SEED)
+    returns = returns.expand(config.eval_steps + 1, -1) if config.method == "oracle" else returns
     points = []
     for step, per_task in enumerate(returns):  # (n_tasks,)
         mean, ci95 = mean_ci95(per_task)
@@ -51,7 +57,8 @@ def evaluate_runs(run_dirs: list[Path]) -> dict[str, dict]:
         config, policy, state = load_run(run_dir)
         result = {"env": config.env, "method": config.method, "iteration": state["iteration"], "curve": curve(policy, config)}
         atomic_write_text(Path(run_dir) / EVAL_JSON, json.dumps(result, indent=1) + "\n")
-        results[run_dir.name if run_dir.name not in results else str(run_dir)] = result
+        name = run_dir.name if run_dir.name not in results else str(run_dir)
+        results[f"{name} (not adapted)" if config.method == "oracle" else name] = result
     baseline = random_config(config)
     results[RANDOM] = {"env": baseline.env, "method": "random", "iteration": 0, "curve": curve(build_policy(baseline), baseline)}
     return results
@@ -134,7 +141,7 @@ def plot_runs(run_dirs: list[Path], out: Path) -> list[Path]:
     nav = {}
     for run_dir in run_dirs:
         config, policy, _ = load_run(run_dir)
-        if config.env == "nav2d":
+        if config.env == "nav2d" and config.method != "oracle":  # the oracle is not adapted
             nav[run_dir.name] = (config, policy)
     if nav:
         paths.append(figure4(nav, out))

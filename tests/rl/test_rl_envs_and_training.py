@@ -117,7 +117,7 @@ def test_cli_eval_and_plot_of_rl_runs(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", *dirs]) == 0
     table = capsys.readouterr().out
-    assert "| nav2d-oracle |" in table and "| random init |" in table and "| 0 steps | 1 step | 2 steps |" in table
+    assert "| nav2d-oracle (not adapted) |" in table and "| random init |" in table and "| 0 steps | 1 step | 2 steps |" in table
     assert main(["plot", *dirs, "--out", str(tmp_path / "plots")]) == 0
     for name in ("figure5_returns.png", "figure4_trajectories.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
