@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 from fewshot import config as fewshot_config
 from fewshot.config import ConfigError, _check, _f
-import dataclasses
 
 ENVS = ("nav2d", "cheetah-vel", "cheetah-dir")
 METHODS = ("maml", "pretrained", "oracle")

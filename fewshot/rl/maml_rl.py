@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from fewshot.algorithms.maml import Params, adapt, autograd_gradient, per_task_copies, sgd_update
+from fewshot.algorithms.maml import Params, adapt, per_task_copies
 from fewshot.rl import rollouts, trpo
 from fewshot.rl.baseline import normalised_advantages
 from fewshot.rl.config import RLConfig

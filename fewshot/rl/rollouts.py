@@ -32,10 +32,6 @@ class Episodes(NamedTuple):
         """Undiscounted return of every trajectory: (B, K)."""
         return (self.rewards * self.mask).sum(1)
 
-    @property
-    def steps(self) -> int:
-        return int(self.mask.sum())
-
 
 class RolloutStats:
     """Environment steps and seconds spent in rollouts (for steps per second)."""
@@ -84,10 +80,6 @@ def sample(
     STATS.steps += n_tasks * k * len(masks)  # every simulated step, finished agents included
     STATS.seconds += time.perf_counter() - start
     return episodes
-
-
-def task_slice(episodes: Episodes, index) -> Episodes:
-    return Episodes(*(x[index] for x in episodes))
 
 
 def seed_for(*keys: int) -> int:
