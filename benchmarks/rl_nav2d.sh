@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # 2D navigation meta-RL beside the paper's appendix Table 4 (BENCHMARKS.md, "Meta-RL").
 #   bash benchmarks/rl_nav2d.sh                       # the presets' 300 meta-iterations each
-#   MAML_ITERATIONS=150 BASELINE_ITERATIONS=100 bash benchmarks/rl_nav2d.sh   # what BENCHMARKS.md reports
+#   MAML_ITERATIONS=300 BASELINE_ITERATIONS=150 bash benchmarks/rl_nav2d.sh   # what BENCHMARKS.md reports
 # Trains MAML (second order, TRPO outer loop), the pretrained policy (TRPO on all tasks)
 # and the oracle (goal in the observation) into runs/bench-rl/, then evaluates them and a
 # random initialisation on the same 40 fixed test tasks after 0..3 policy-gradient steps.
