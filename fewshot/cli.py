@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 from fewshot import config as cfg
+from fewshot.rl import cli as rl_cli
+from fewshot.rl import config as rl_cfg
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = sub.add_parser("train", help="meta-train a preset into a run directory")
-    train.add_argument("preset", metavar="PRESET", help=f"one of: {', '.join(cfg.PRESETS)}")
+    train.add_argument("preset", metavar="PRESET", help=f"one of: {', '.join([*cfg.PRESETS, *rl_cfg.PRESETS])}")
     train.add_argument("--out", type=Path, help="run directory (default: runs/PRESET)")
     train.add_argument("--iterations", type=int, help="meta-iterations (overrides the preset)")
     train.add_argument("--seed", type=int, help="seed of weights and task stream (overrides the preset)")
@@ -68,13 +70,19 @@ def _train(args) -> int:
     from fewshot.device import resolve_device
 
     resolve_device(args.device)  # a bad --device fails before the run directory is touched
+    preset, on_device = cfg.preset, {"device": args.device}
+    if rl_cli.is_rl(args.preset):  # meta-RL presets: fewshot.rl's config and training loop
+        if args.device != "cpu":
+            raise cfg.ConfigError(f"--device {args.device!r}: meta-RL presets run on the CPU (NumPy/MuJoCo rollouts): allowed: cpu")
+        train, preset = rl_cli.training()
+        on_device = {}
     flags = [f"{k}={v}" for k, v in (("iterations", args.iterations), ("seed", args.seed)) if v is not None]
-    config = cfg.with_overrides(cfg.preset(args.preset), args.set + flags)
+    config = cfg.with_overrides(preset(args.preset), args.set + flags)
     explicit = {a.partition("=")[0] for a in args.set + flags}
     run_dir = args.out or Path("runs") / args.preset
     config, resume = prepare_run_dir(run_dir, config, args.resume, {k: getattr(config, k) for k in explicit})
     try:
-        train(run_dir, config, resume=resume, progress=not args.no_progress, device=args.device)
+        train(run_dir, config, resume=resume, progress=not args.no_progress, **on_device)
     except TrainingInterrupted as e:
         print(f"fewshot train: {e}", file=sys.stderr)
         return 130
@@ -104,6 +112,8 @@ def _evaluated_runs(run_dirs: list[Path], device: str = "cpu") -> dict[str, tupl
 
 
 def _eval(args) -> int:
+    if rl_cli.is_rl(args.run_dirs):
+        return rl_cli.evaluate(args)
     from fewshot.evaluate import markdown_table
 
     results = {name: result for name, (_, _, result) in _evaluated_runs(args.run_dirs, args.device).items()}
@@ -116,6 +126,8 @@ def _eval(args) -> int:
 
 
 def _plot(args) -> int:
+    if rl_cli.is_rl(args.run_dirs):
+        return rl_cli.plot(args)
     from fewshot import plots
 
     runs = _evaluated_runs(args.run_dirs, args.device)
@@ -150,6 +162,7 @@ def _data(args) -> int:
 
 def _presets(args) -> int:
     print(cfg.describe())
+    print("\nmeta-RL " + rl_cfg.describe())
     return 0
 
 

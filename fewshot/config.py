@@ -158,8 +158,8 @@ def _type_name(f: dataclasses.Field) -> str:
 
 
 def with_overrides(config: Config, assignments: list[str]) -> Config:
-    """Apply ``key=value`` strings; unknown keys and bad values raise ConfigError."""
-    fields = {f.name: f for f in dataclasses.fields(Config)}
+    """Apply ``key=value`` strings; unknown keys and bad values raise ConfigError (any config dataclass)."""
+    fields = {f.name: f for f in dataclasses.fields(config)}
     changes = {}
     for assignment in assignments:
         key, sep, text = assignment.partition("=")
@@ -171,10 +171,10 @@ def with_overrides(config: Config, assignments: list[str]) -> Config:
     return dataclasses.replace(config, **changes)
 
 
-def describe() -> str:
+def describe(cls=Config, presets: dict | None = None) -> str:
     """Every key with its default and help, for ``fewshot presets``."""
-    lines = [f"  {f.name} = {_toml_value(f.default)}: {f.metadata['help']}" for f in dataclasses.fields(Config)]
-    presets = [f"  {name}: {overrides or 'the defaults'}" for name, overrides in PRESETS.items()]
+    lines = [f"  {f.name} = {_toml_value(f.default)}: {f.metadata['help']}" for f in dataclasses.fields(cls)]
+    presets = [f"  {name}: {overrides or 'the defaults'}" for name, overrides in (PRESETS if presets is None else presets).items()]
     return "presets:\n" + "\n".join(presets) + "\n\nkeys (--set key=value):\n" + "\n".join(lines)
 
 
@@ -195,12 +195,12 @@ def to_toml(config: Config) -> str:
     return "".join(f"{k} = {_toml_value(v)}\n" for k, v in dataclasses.asdict(config).items())
 
 
-def from_toml(text: str, source: str = "config") -> Config:
+def from_toml(text: str, source: str = "config", cls=Config) -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML ({e})") from None
-    fields = {f.name: f for f in dataclasses.fields(Config)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(data) - set(fields)
     if unknown:
         raise ConfigError(f"{source}: unknown keys {sorted(unknown)}; allowed: {', '.join(fields)}")
@@ -214,8 +214,8 @@ def from_toml(text: str, source: str = "config") -> Config:
         if type(value) is not expected or (expected is tuple and not all(type(v) is int for v in value)):
             raise ConfigError(f"{source}: {key} = {value!r}: expected {_type_name(fields[key])}")
         values[key] = value
-    return Config(**values)
+    return cls(**values)
 
 
-def load(path: Path) -> Config:
-    return from_toml(path.read_text(), source=str(path))
+def load(path: Path, cls=Config) -> Config:
+    return from_toml(path.read_text(), source=str(path), cls=cls)

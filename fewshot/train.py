@@ -69,11 +69,11 @@ def prepare_run_dir(run_dir: Path, config: Config, resume: bool, overrides: dict
     run_dir = Path(run_dir)
     resume = resume and (run_dir / CHECKPOINT_FILE).is_file()
     if resume:
-        stored = load(run_dir / CONFIG_FILE)
+        stored = load(run_dir / CONFIG_FILE, cls=type(config))  # Config, or fewshot.rl's RLConfig
         changed = sorted(k for k, v in overrides.items() if getattr(stored, k) != v and k != "iterations")
         if changed:
             raise ConfigError(f"--resume: cannot change {', '.join(changed)} of an existing run (only --iterations)")
-        config = Config(**{**stored.__dict__, "iterations": overrides.get("iterations", stored.iterations)})
+        config = type(config)(**{**stored.__dict__, "iterations": overrides.get("iterations", stored.iterations)})
     else:
         if (run_dir / CHECKPOINT_FILE).exists():
             raise ConfigError(f"--out {run_dir}: holds a run already; pass --resume or choose another --out")
