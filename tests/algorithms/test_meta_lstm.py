@@ -260,6 +260,7 @@ def test_meta_test_normalises_the_query_set_with_the_support_sets_running_averag
 def test_metalstm_beats_chance_on_omniglot(tmp_path, shared_data, omniglot_cache, monkeypatch):
     from fewshot.config import preset, with_overrides
     from fewshot.evaluate import evaluate
+    from fewshot.experiment import test_episode_batches
     from fewshot.train import prepare_run_dir, train
 
     monkeypatch.setenv("FEWSHOT_DATA", str(shared_data))
@@ -268,8 +269,18 @@ def test_metalstm_beats_chance_on_omniglot(tmp_path, shared_data, omniglot_cache
                  "val_every=80", "n_val_tasks=10", "n_test_tasks=60", "eval_queries=5"]  # fmt: skip
     config = with_overrides(preset("omniglot-5w1s-metalstm"), overrides)
     config, _ = prepare_run_dir(tmp_path / "run", config, False, {})
-    result = evaluate(train(tmp_path / "run", config, progress=False), config)
+    method = train(tmp_path / "run", config, progress=False)
+    result = evaluate(method, config)
     # chance is 0.2 (and so is the accuracy before any update); 60 episodes x 25 queries give a 95% CI of
     # about +-0.04; measured 0.56 after 3 updates
     assert result["metric"] == "accuracy" and result["n_tasks"] == 60
     assert result["curve"][0]["mean"] < 0.3 and result["mean"] > 0.4
+
+    # Figure 3 of the paper from the trained run: mean gates per layer and update step
+    from fewshot.plots import metalstm_gates
+
+    path = metalstm_gates({"run": (config, method)}, tmp_path, n_episodes=4)
+    assert path.name == "metalstm_gates.png" and path.stat().st_size > 10_000
+    gates = method.gate_means(next(iter(test_episode_batches(config))))
+    assert gates["input"].shape == gates["forget"].shape == (50, 3, len(gates["layers"]))
+    assert ((gates["input"] > 0) & (gates["input"] < 1) & (gates["forget"] > 0) & (gates["forget"] < 1)).all()
