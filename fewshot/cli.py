@@ -138,6 +138,9 @@ def _plot(args) -> int:
     regression = {name: (config, method) for name, (config, method, _) in runs.items() if config.dataset == "sinusoid"}
     if regression:  # Figure 2 draws fitted curves: regression only
         paths.append(plots.figure2(regression, out))
+    gates = {name: (config, method) for name, (config, method, _) in runs.items() if config.method == "metalstm"}
+    if gates:  # Ravi & Larochelle 2017, Figure 3: the Meta-LSTM's input and forget gates per layer
+        paths.append(plots.metalstm_gates(gates, out))
     for path in paths:
         print(f"wrote {path}")
     return 0

@@ -19,10 +19,10 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DATASETS = ("sinusoid", "omniglot", "miniimagenet")
-METHODS = ("maml", "pretrained", "oracle", "protonet", "matchingnet", "finetune", "nearest")
+METHODS = ("maml", "pretrained", "oracle", "protonet", "matchingnet", "finetune", "nearest", "metalstm")
 METHODS_FOR = {
     "sinusoid": ("maml", "pretrained", "oracle"),
-    "classification": ("maml", "protonet", "matchingnet", "finetune", "nearest"),
+    "classification": ("maml", "protonet", "matchingnet", "finetune", "nearest", "metalstm"),
 }
 LEARN_INNER_LR = ("none", "per_tensor", "per_element")
 BATCHED = ("auto", "yes", "no")
@@ -66,6 +66,8 @@ class Config:
     n_test_tasks: int = _f(600, "fixed meta-test tasks (the same for every method and run)", min=1)
     eval_shots: tuple[int, ...] = _f((5, 10, 20), "K values evaluated at meta-test (sinusoid)", min=1, max=20)
     eval_steps: int = _f(10, "evaluate after 0..eval_steps inner steps", min=0)
+    support_batch: int = _f(0, "metalstm: support examples per learner update (0: the whole support set)", min=0)
+    grad_clip: float = _f(0.0, "metalstm: clip the meta-gradient's norm to this (0: no clipping)", min=0.0)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -112,6 +114,26 @@ def _classification_presets() -> dict[str, dict]:
 
 
 PRESETS.update(_classification_presets())
+
+
+def _metalstm_presets() -> dict[str, dict]:
+    """Meta-LSTM (Ravi & Larochelle 2017) with the hyperparameters of the authors' code as reproduced by
+    markdtw/meta-learning-lstm-pytorch (scripts/train_5s_5c.sh): the paper's 32-filter learner, Adam 1e-3,
+    meta-gradient norm clipped at 0.25, one episode per meta-iteration, 15 queries per class; 1-shot:
+    T = 12 updates on batches of 5, 5-shot: T = 8 updates on batches of 25 (the whole support set).
+    Omniglot uses the same learner family (strided, 28x28) and the same fixed test episodes as MAML."""
+    presets = {}
+    for dataset in ("omniglot", "miniimagenet"):
+        for shots, steps in ((1, 12), (5, 8)):
+            presets[f"{dataset}-5w{shots}s-metalstm"] = {
+                "dataset": dataset, "method": "metalstm", "channels": 32, "n_way": 5, "k_shot": shots, "n_query": 15,
+                "inner_steps": steps, "eval_steps": steps, "support_batch": 5 * shots, "meta_batch": 1, "outer_lr": 1e-3,
+                "grad_clip": 0.25, "iterations": 50_000, "val_every": 500, "n_val_tasks": 100,
+            }  # fmt: skip
+    return presets
+
+
+PRESETS.update(_metalstm_presets())
 
 
 def preset(name: str) -> Config:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewshot.algorithms import MAML, Oracle, Pretrained, TaskBatch
+from fewshot.algorithms.meta_lstm import MetaLSTM
 from fewshot.algorithms.metric import matching_network, prototypical_network
 from fewshot.algorithms.pretrained_classifier import PretrainedClassifier
 from fewshot.config import Config
@@ -39,6 +40,8 @@ def build_method(config: Config) -> nn.Module:
             classes = _episodes(config.dataset, "train", config.n_way, config.k_shot, config.n_query).classes.tolist()
             return PretrainedClassifier(learner.features, learner.head.in_features, classes, config.n_way,
                                         evaluation=config.method, finetune_lr=config.inner_lr)  # fmt: skip
+        if config.method == "metalstm":
+            return MetaLSTM(learner, F.cross_entropy, steps=config.inner_steps, batch_size=config.support_batch, grad_clip=config.grad_clip)
         return _maml(config, learner, F.cross_entropy)
     in_features = 1 + TASK_INFO_FEATURES if config.method == "oracle" else 1
     model = mlp(in_features, config.hidden, 1)

@@ -104,3 +104,38 @@ def learning_curves(run_dirs: dict[str, Path], out: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def metalstm_gates(runs: dict[str, tuple], out: Path, n_episodes: int = 100) -> Path:
+    """Figure 3 of Ravi & Larochelle 2017: the Meta-LSTM's mean input and forget gate per learner layer
+    across the update steps, over the first ``n_episodes`` fixed test episodes (line: mean; band: +-1 std)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(runs), 2, figsize=(10, 3.4 * len(runs)), squeeze=False)
+    for row, (name, (config, method)) in enumerate(runs.items()):
+        batches, seen = [], 0
+        for batch in experiment.test_episode_batches(config):
+            batches.append(TaskBatch(*(None if t is None else t[: n_episodes - seen] for t in batch)))
+            seen += len(batches[-1].support_x)
+            if seen >= n_episodes:
+                break
+        gates = [method.gate_means(batch) for batch in batches]
+        modules = dict(method.learner.named_modules())
+        labels = [f"{layer} ({type(modules[layer]).__name__})" for layer in gates[0]["layers"]]
+        for col, key in enumerate(("input", "forget")):
+            values = torch.cat([g[key] for g in gates])  # (episodes, steps, layers)
+            mean, std = values.mean(0), values.std(0)
+            steps = torch.arange(1, values.shape[1] + 1)
+            ax = axes[row][col]
+            for layer, label in enumerate(labels):
+                line = ax.plot(steps, mean[:, layer], marker="o", markersize=2, label=label)[0]
+                ax.fill_between(steps, mean[:, layer] - std[:, layer], mean[:, layer] + std[:, layer], alpha=0.15, color=line.get_color())
+            ax.set_title(f"{name}: {key} gate ({len(values)} test episodes)")
+            ax.set_xlabel("update step t")
+            ax.set_ylabel(f"mean {key} gate {'i_t' if key == 'input' else 'f_t'}")
+            ax.grid(alpha=0.3)
+        axes[row][0].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    path = Path(out) / "metalstm_gates.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
