@@ -1,5 +1,6 @@
 """torchrun scale-out: 2 processes (gloo on loopback) take the same steps as 1, and checkpoints cross modes."""
 
+import socket
 import subprocess
 import sys
 
@@ -11,8 +12,15 @@ from fewshot.cli import main
 ARGS = ["--set", "val_every=10", "--set", "n_val_tasks=10", "--set", "meta_batch=6", "--no-progress"]
 
 
+def free_port() -> int:
+    """A port nobody listens on now (a fixed one collides with any other job on the machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def torchrun(*argv):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m", "fewshot", *argv]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "fewshot", *argv]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
