@@ -47,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--cache-dir", help="folder for decoded caches (default: $FEWSHOT_CACHE, else the per-user cache folder)")
 
     sub.add_parser("presets", help="list presets and config keys")
+
+    from fewshot.timeseries.cli import add_parser as add_forecast_parser
+
+    add_forecast_parser(sub)
     return parser
 
 
@@ -169,4 +173,10 @@ def _presets(args) -> int:
     return 0
 
 
-_COMMANDS = {"train": _train, "eval": _eval, "plot": _plot, "data": _data, "presets": _presets}
+def _forecast(args) -> int:
+    from fewshot.timeseries.cli import run
+
+    return run(args)
+
+
+_COMMANDS = {"train": _train, "eval": _eval, "plot": _plot, "data": _data, "presets": _presets, "forecast": _forecast}
