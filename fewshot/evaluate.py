@@ -72,7 +72,8 @@ def _curve(method: nn.Module, config: Config, batches) -> list[dict]:
 def save(result: dict, run_dir: Path, iteration: int) -> None:
     result = {**result, "checkpoint_iteration": iteration}
     atomic_write_text(Path(run_dir) / EVAL_JSON, json.dumps(result, indent=1) + "\n")
-    rows = ["k_shot,step,mse_mean,mse_ci95,mse_median,n_tasks"]
+    metric = result["metric"]  # mse (sinusoid) or accuracy (classification)
+    rows = [f"k_shot,step,{metric}_mean,{metric}_ci95,{metric}_median,n_tasks"]
     for k, curve in result["by_shot"].items():
         rows += [f"{k},{p['step']},{p['mean']:.6g},{p['ci95']:.6g},{p['median']:.6g},{result['n_tasks']}" for p in curve]
     atomic_write_text(Path(run_dir) / EVAL_CSV, "\n".join(rows) + "\n")

@@ -132,5 +132,6 @@ def test_short_omniglot_maml_run_beats_chance(tmp_path, capsys, shared_data, omn
     result = json.loads(capsys.readouterr().out)
     assert result["metric"] == "accuracy" and result["n_tasks"] == 100 and len(result["curve"]) == 4
     assert result["mean"] > 0.4  # chance is 0.2
+    assert (tmp_path / "omniglot" / "eval.csv").read_text().startswith("k_shot,step,accuracy_mean,accuracy_ci95,")
     assert main(["plot", out, "--data-root", str(shared_data)]) == 0
     assert (tmp_path / "omniglot" / "learning_curves.png").is_file()
