@@ -155,6 +155,7 @@ def train(run_dir: Path, config: Config, resume: bool = False, progress: bool = 
 
     bar = _progress(progress and rank == 0, start, config.iterations)
     losses, t0, last_checkpoint = interval_losses, time.perf_counter(), start
+    timed = 0  # iterations run since t0 (after a resume, fewer than len(losses): those before it were not timed)
     with _CtrlC() as ctrl_c:
         for iteration in range(start + 1, config.iterations + 1):
             batch = experiment.training_batch(config, task_stream).to(device)  # the same on every process
@@ -172,14 +173,15 @@ def train(run_dir: Path, config: Config, resume: bool = False, progress: bool = 
                 )
             optimizer.step()
             losses.append(loss.item())
+            timed += 1
             bar.update(1)
             if iteration % config.val_every == 0 or iteration == config.iterations:
                 if rank == 0:  # validation, metrics and checkpoint: one process writes for all
                     val = experiment.validation_metric(method, config, val_tasks)
                     seconds = time.perf_counter() - t0
-                    metrics.append(iteration, sum(losses) / len(losses), val, seconds, len(losses) / seconds)
+                    metrics.append(iteration, sum(losses) / len(losses), val, seconds, timed / seconds)
                     bar.set_postfix({"loss": f"{losses[-1]:.3f}", f"val_{experiment.metric_name(config)}": f"{val:.3f}"})
-                losses, t0 = [], time.perf_counter()
+                losses, t0, timed = [], time.perf_counter(), 0
                 checkpoint(iteration)
                 last_checkpoint = iteration
             if ctrl_c.pressed:

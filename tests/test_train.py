@@ -56,6 +56,9 @@ def test_resume_after_ctrl_c_is_bit_identical(tmp_path, monkeypatch):
     whole = (tmp_path / "whole" / "metrics.csv").read_text().splitlines()
     parts = (tmp_path / "parts" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[:3] for r in whole] == [r.split(",")[:3] for r in parts]
+    # the row at 20 was timed over iterations 18-20 only (3 of its 10): its speed counts those
+    seconds, per_second = map(float, parts[2].split(",")[3:5])
+    assert parts[2].startswith("20,") and per_second * seconds == pytest.approx(3, rel=1e-3)
 
 
 def test_non_finite_loss_stops_with_the_iteration_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
