@@ -175,6 +175,25 @@ def meta_gradient_functorch(
     return loss, grads
 
 
+def map_on_threads(pool: ThreadPoolExecutor, share: Callable[[int], object], n_threads: int) -> list:
+    """``[share(0), ..., share(n_threads - 1)]``, each on a thread of ``pool`` with one intra-op thread.
+
+    Each call sees the caller's grad mode (grad mode is per thread); the caller's
+    intra-op thread count is restored afterwards.
+    """
+    grad_mode, threads_before = torch.is_grad_enabled(), torch.get_num_threads()
+
+    def run(k: int):
+        torch.set_num_threads(1)  # this thread's own OpenMP pool
+        with torch.set_grad_enabled(grad_mode):
+            return share(k)
+
+    try:
+        return list(pool.map(run, range(n_threads)))
+    finally:
+        torch.set_num_threads(threads_before)
+
+
 def meta_gradient_in_threads(
     task_losses: list[TaskLoss], params: Params, tasks: TaskBatch, inner_lrs, steps: int, first_order: bool,
     inputs: list[Tensor], pool: ThreadPoolExecutor,
@@ -189,21 +208,14 @@ def meta_gradient_in_threads(
     depend on thread timing.
     """
     n_tasks, n_threads = tasks.support_x.shape[0], len(task_losses)
-    grad_mode = torch.is_grad_enabled()
 
     def share(k: int) -> tuple[Tensor, list[Tensor]]:
-        torch.set_num_threads(1)  # this thread's own OpenMP pool; the caller's is restored below
-        with torch.set_grad_enabled(grad_mode):
-            share_of_tasks = TaskBatch(*(t[k::n_threads] for t in tasks[:4]))
-            return meta_gradient_task_by_task(
-                task_losses[k], params, share_of_tasks, inner_lrs, steps, first_order, inputs, meta_batch_size=n_tasks
-            )
+        share_of_tasks = TaskBatch(*(t[k::n_threads] for t in tasks[:4]))
+        return meta_gradient_task_by_task(
+            task_losses[k], params, share_of_tasks, inner_lrs, steps, first_order, inputs, meta_batch_size=n_tasks
+        )
 
-    threads_before = torch.get_num_threads()
-    try:
-        shares = list(pool.map(share, range(n_threads)))
-    finally:
-        torch.set_num_threads(threads_before)
+    shares = map_on_threads(pool, share, n_threads)
     total = sum(loss for loss, _ in shares)
     return total, [sum(gs) for gs in zip(*(g for _, g in shares))]
 
@@ -235,7 +247,6 @@ def functional_loss(module: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tenso
 
 LEARN_INNER_LR = (False, True, "per_tensor", "per_element")
 BATCHED = ("auto", True, False)
-THREADS = ("auto",)  # or an int >= 1
 
 # Layers the batched (vmap) path is measured to lose on, or to get wrong (BENCHMARKS.md):
 # batched is 12x faster than a per-task loop on the sinusoid MLP, while vmap was 4x
@@ -351,12 +362,12 @@ class MAML(nn.Module):
             self._pool, self._pool_size = ThreadPoolExecutor(n, thread_name_prefix="fewshot-task"), n
         return self._replica_modules[:n], self._pool
 
-    def _replica_call(self, replica: nn.Module, params: Params, x: Tensor) -> Tensor:
-        """f_params(x) computed on a replica, with this module's buffers."""
-        return functional_call(replica, {**dict(self.module.named_buffers()), **params}, (x,))
+    def _call(self, module: nn.Module, params: Params, x: Tensor) -> Tensor:
+        """f_params(x) on ``module`` (this module or a replica of it), with this module's buffers."""
+        return functional_call(module, {**dict(self.module.named_buffers()), **params}, (x,))
 
     def _replica_loss(self, replica: nn.Module) -> TaskLoss:
-        return lambda params, x, y: self.loss_fn(self._replica_call(replica, params, x), y)
+        return lambda params, x, y: self.loss_fn(self._call(replica, params, x), y)
 
     def __getstate__(self):  # a thread pool cannot be pickled or deep-copied; it is rebuilt on use
         state = self.__dict__.copy()
@@ -386,7 +397,7 @@ class MAML(nn.Module):
         """f_theta(x), or f_{theta'}(x) with adapted ``params`` from ``adapt``."""
         if params is None:
             return self.module(x)
-        return functional_call(self.module, {**dict(self.module.named_buffers()), **params}, (x,))
+        return self._call(self.module, params, x)
 
     def meta_loss(self, tasks: TaskBatch, steps: int | None = None, first_order: bool | None = None) -> Tensor:
         """The meta-objective: mean query loss after adapting to each task's support set.
@@ -456,16 +467,11 @@ class MAML(nn.Module):
         replicas, pool = self._replicas(n_threads)
 
         def curves_of_share(k: int) -> list[list[Tensor]]:
-            torch.set_num_threads(1)
-            forward = lambda x, params: self._replica_call(replicas[k], params, x)  # noqa: E731
+            forward = lambda x, params: self._call(replicas[k], params, x)  # noqa: E731
             loss = self._replica_loss(replicas[k])
             return [_curve(loss, forward, theta, tasks.task(i), lrs, max_steps) for i in range(k, n_tasks, n_threads)]
 
-        threads_before = torch.get_num_threads()
-        try:
-            shares = list(pool.map(curves_of_share, range(n_threads)))
-        finally:
-            torch.set_num_threads(threads_before)
+        shares = map_on_threads(pool, curves_of_share, n_threads)
         per_task = [shares[i % n_threads][i // n_threads] for i in range(n_tasks)]
         return [torch.stack(step) for step in zip(*per_task)]
 
