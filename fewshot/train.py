@@ -47,14 +47,25 @@ class TrainingDiverged(Exception):
     """A non-finite loss or gradient; the message names the iteration and the kept checkpoint."""
 
 
-def load_run(run_dir: Path, device: str | None = None) -> tuple[Config, nn.Module, dict]:
-    """The config, the method with the checkpoint's weights (on ``device``), and the checkpoint itself."""
+def read_run(run_dir: Path, cls=Config) -> tuple:
+    """(config, checkpoint) of a run directory; a missing file is a ConfigError naming it."""
     run_dir = Path(run_dir)
     for name in (CONFIG_FILE, CHECKPOINT_FILE):
         if not (run_dir / name).is_file():
             raise ConfigError(f"run directory {run_dir}: no {name} (train a run there first)")
-    config = load(run_dir / CONFIG_FILE)
-    state = load_checkpoint(run_dir / CHECKPOINT_FILE)
+    return load(run_dir / CONFIG_FILE, cls=cls), load_checkpoint(run_dir / CHECKPOINT_FILE)
+
+
+def interrupted(run_dir: Path, iteration: int) -> TrainingInterrupted:
+    """What Ctrl-C raises once the checkpoint of ``iteration`` is written."""
+    return TrainingInterrupted(
+        f"interrupted at iteration {iteration}; checkpoint written to {Path(run_dir) / CHECKPOINT_FILE}. Continue with --resume."
+    )
+
+
+def load_run(run_dir: Path, device: str | None = None) -> tuple[Config, nn.Module, dict]:
+    """The config, the method with the checkpoint's weights (on ``device``), and the checkpoint itself."""
+    config, state = read_run(run_dir)
     method = experiment.build_method(config)
     method.load_state_dict(state["method"])
     return config, method.to(resolve_device(device)), state
@@ -187,10 +198,7 @@ def train(run_dir: Path, config: Config, resume: bool = False, progress: bool = 
             if ctrl_c.pressed:
                 checkpoint(iteration)
                 bar.close()
-                raise TrainingInterrupted(
-                    f"interrupted at iteration {iteration}; checkpoint written to {run_dir / CHECKPOINT_FILE}. "
-                    "Continue with --resume."
-                )
+                raise interrupted(run_dir, iteration)
     bar.close()
     return method
 

@@ -17,12 +17,11 @@ from pathlib import Path
 import torch
 
 from fewshot.checkpoint import load_checkpoint, save_checkpoint
-from fewshot.config import ConfigError, load
 from fewshot.rl import envs, maml_rl, rollouts
 from fewshot.rl.config import RLConfig
 from fewshot.rl.policy import GaussianPolicy
 from fewshot.train import prepare_run_dir  # noqa: F401  (shared with supervised runs; re-exported)
-from fewshot.train import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, TrainingDiverged, TrainingInterrupted, _CtrlC, _MetricsLog, _progress
+from fewshot.train import CHECKPOINT_FILE, METRICS_FILE, TrainingDiverged, _CtrlC, _MetricsLog, _progress, interrupted, read_run
 
 COLUMNS = ("iteration", "return_before", "return_after", "surrogate_after", "kl", "backtracks", "seconds", "env_steps_per_second")
 
@@ -35,12 +34,7 @@ def build_policy(config: RLConfig) -> GaussianPolicy:
 
 
 def load_run(run_dir: Path) -> tuple[RLConfig, GaussianPolicy, dict]:
-    run_dir = Path(run_dir)
-    for name in (CONFIG_FILE, CHECKPOINT_FILE):
-        if not (run_dir / name).is_file():
-            raise ConfigError(f"run directory {run_dir}: no {name} (train a run there first)")
-    config = load(run_dir / CONFIG_FILE, cls=RLConfig)
-    state = load_checkpoint(run_dir / CHECKPOINT_FILE)
+    config, state = read_run(run_dir, cls=RLConfig)
     policy = build_policy(config)
     policy.load_state_dict(state["policy"])
     return config, policy, state
@@ -86,9 +80,7 @@ def train(run_dir: Path, config: RLConfig, resume: bool = False, progress: bool 
             if ctrl_c.pressed:
                 checkpoint(iteration)
                 bar.close()
-                raise TrainingInterrupted(
-                    f"interrupted at iteration {iteration}; checkpoint written to {run_dir / CHECKPOINT_FILE}. Continue with --resume."
-                )
+                raise interrupted(run_dir, iteration)
     bar.close()
     return policy
 
