@@ -39,10 +39,11 @@ def tiny_conv(seed=0):
     return Conv4(n_way=3, in_channels=1, hidden=3, image_size=16).double()
 
 
-def episodes(n_tasks=2, n_way=3, shots=1, queries=2, seed=1):
+def episodes(n_tasks=2, n_way=3, shots=1, queries=2, seed=1, image_size=16):
+    """Random float64 images, labels 0..n_way-1 in class order: (B, N*K, 1, S, S) support, (B, N*Q, ...) query."""
     g = torch.Generator().manual_seed(seed)
-    xs = torch.rand(n_tasks, n_way * shots, 1, 16, 16, generator=g, dtype=torch.float64)
-    xq = torch.rand(n_tasks, n_way * queries, 1, 16, 16, generator=g, dtype=torch.float64)
+    xs = torch.rand(n_tasks, n_way * shots, 1, image_size, image_size, generator=g, dtype=torch.float64)
+    xq = torch.rand(n_tasks, n_way * queries, 1, image_size, image_size, generator=g, dtype=torch.float64)
     ys = torch.arange(n_way).repeat_interleave(shots).expand(n_tasks, -1)
     yq = torch.arange(n_way).repeat_interleave(queries).expand(n_tasks, -1)
     return TaskBatch(xs, ys, xq, yq)

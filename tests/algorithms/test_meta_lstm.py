@@ -27,6 +27,8 @@ from fewshot.algorithms.meta_lstm import (
 from fewshot.models import Conv4
 from fewshot.tasks.base import TaskBatch
 
+from test_maml_conv import episodes
+
 
 def tiny_learner(seed=0):
     torch.manual_seed(seed)
@@ -34,12 +36,7 @@ def tiny_learner(seed=0):
 
 
 def episode(n_way=3, shots=2, queries=2, seed=1, n_tasks=1):
-    g = torch.Generator().manual_seed(seed)
-    xs = torch.rand(n_tasks, n_way * shots, 1, 8, 8, generator=g, dtype=torch.float64)
-    xq = torch.rand(n_tasks, n_way * queries, 1, 8, 8, generator=g, dtype=torch.float64)
-    ys = torch.arange(n_way).repeat_interleave(shots).expand(n_tasks, -1)
-    yq = torch.arange(n_way).repeat_interleave(queries).expand(n_tasks, -1)
-    return TaskBatch(xs, ys, xq, yq)
+    return episodes(n_tasks, n_way, shots, queries, seed, image_size=8)
 
 
 def meta_lstm(steps=3, batch_size=0, seed=0):
