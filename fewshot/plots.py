@@ -14,7 +14,8 @@ from fewshot.tasks.sinusoid import X_RANGE, Sinusoids, with_shots
 FIGURE_STEPS = (0, 1, 10)
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,9 +24,17 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Lay out ``fig``, write it as PNG to ``path``, close it; returns the path."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return Path(path)
+
+
 def figure2(runs: dict[str, tuple], out: Path, task_index: int = 0, shots: tuple[int, ...] = (5, 10)) -> Path:
     """One panel per (run, K): the true curve, the K support points, predictions after 0, 1, 10 steps."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(len(shots), len(runs), figsize=(4.5 * len(runs), 3.2 * len(shots)), squeeze=False)
     grid = torch.linspace(*X_RANGE, 200).reshape(1, 200, 1)
     for col, (name, (config, method)) in enumerate(runs.items()):
@@ -43,16 +52,12 @@ def figure2(runs: dict[str, tuple], out: Path, task_index: int = 0, shots: tuple
             ax.set_title(f"{name}, K={k}")
             ax.set_ylim(-6, 6)
     axes[0][0].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    path = Path(out) / "figure2_fits.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, Path(out) / "figure2_fits.png")
 
 
 def figure3(results: dict[str, dict], out: Path) -> Path:
     """MSE against the number of inner steps at meta-test, one panel per K; per run its mean and its median."""
-    plt = _pyplot()
+    plt = pyplot()
     shots = list(next(iter(results.values()))["by_shot"])
     fig, axes = plt.subplots(1, len(shots), figsize=(4.2 * len(shots), 3.4), squeeze=False)
     for ax, k in zip(axes[0], shots):
@@ -72,18 +77,14 @@ def figure3(results: dict[str, dict], out: Path) -> Path:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(out) / "figure3_learning_curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, Path(out) / "figure3_learning_curves.png")
 
 
 def learning_curves(run_dirs: dict[str, Path], out: Path) -> Path:
     """Validation metric of each run against meta-iterations and against wall-clock (from metrics.csv)."""
     import csv
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for name, run_dir in run_dirs.items():
         with open(Path(run_dir) / "metrics.csv", newline="") as f:
@@ -99,17 +100,13 @@ def learning_curves(run_dirs: dict[str, Path], out: Path) -> Path:
         ax.set_ylabel(header[2].replace("_", " "))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(out) / "learning_curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, Path(out) / "learning_curves.png")
 
 
 def metalstm_gates(runs: dict[str, tuple], out: Path, n_episodes: int = 100) -> Path:
     """Figure 3 of Ravi & Larochelle 2017: the Meta-LSTM's mean input and forget gate per learner layer
     across the update steps, over the first ``n_episodes`` fixed test episodes (line: mean; band: +-1 std)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(len(runs), 2, figsize=(10, 3.4 * len(runs)), squeeze=False)
     for row, (name, (config, method)) in enumerate(runs.items()):
         batches, seen = [], 0
@@ -134,8 +131,4 @@ def metalstm_gates(runs: dict[str, tuple], out: Path, n_episodes: int = 100) -> 
             ax.set_ylabel(f"mean {key} gate {'i_t' if key == 'input' else 'f_t'}")
             ax.grid(alpha=0.3)
         axes[row][0].legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    path = Path(out) / "metalstm_gates.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, Path(out) / "metalstm_gates.png")

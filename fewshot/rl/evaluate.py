@@ -16,6 +16,7 @@ import torch
 
 from fewshot.checkpoint import atomic_write_text
 from fewshot.metrics import mean_ci95
+from fewshot.plots import pyplot, save_figure
 from fewshot.rl import envs, maml_rl
 from fewshot.rl.config import RLConfig
 from fewshot.rl.train import build_policy, load_run
@@ -76,18 +77,9 @@ def markdown_table(results: dict[str, dict]) -> str:
 # --------------------------------------------------------------------------- figures
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def figure5(results: dict[str, dict], out: Path) -> Path:
     """Average return against the number of policy-gradient steps (the paper's Figure 5)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for name, result in results.items():
         steps = [p["step"] for p in result["curve"]]
@@ -100,16 +92,12 @@ def figure5(results: dict[str, dict], out: Path) -> Path:
     ax.set_title(next(iter(results.values()))["env"])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(out) / "figure5_returns.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, Path(out) / "figure5_returns.png")
 
 
 def figure4(runs: dict[str, tuple], out: Path, task_index: int = 0, steps: tuple[int, ...] = (0, 1, 3)) -> Path:
     """2D navigation: one trajectory before and after 1 and 3 steps, and the goal (the paper's Figure 4)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 4), squeeze=False)
     for ax, (name, (config, policy)) in zip(axes[0], runs.items()):
         tasks = test_tasks(config)[task_index : task_index + 1]
@@ -129,11 +117,7 @@ def figure4(runs: dict[str, tuple], out: Path, task_index: int = 0, steps: tuple
         ax.set_title(name)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    path = Path(out) / "figure4_trajectories.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, Path(out) / "figure4_trajectories.png")
 
 
 def plot_runs(run_dirs: list[Path], out: Path) -> list[Path]:

@@ -13,11 +13,9 @@ def plot_series(series, path: Path, overlay: bool = False) -> Path:
     Forecasts follow the history; with ``overlay`` they are one-step forecasts of
     the history's last values (anomaly scoring) and ``flags`` marks the flagged ones.
     """
-    import matplotlib
+    from fewshot.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     n = max(len(series), 1)
     fig, axes = plt.subplots(n, 1, figsize=(8, 2.2 * n), squeeze=False)
     for ax, (series_id, values, mean, lower, upper, flags) in zip(axes[:, 0], series):
@@ -31,7 +29,4 @@ def plot_series(series, path: Path, overlay: bool = False) -> Path:
             ax.scatter(tf[flags], values[start:][flags], color="red", zorder=3, label="flagged")
         ax.set_title(str(series_id), fontsize=9)
         ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=80)
