@@ -70,8 +70,7 @@ class Config:
     grad_clip: float = _f(0.0, "metalstm: clip the meta-gradient's norm to this (0: no clipping)", min=0.0)
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            _check(f, getattr(self, f.name))
+        check_fields(self)
         allowed = METHODS_FOR["sinusoid" if self.dataset == "sinusoid" else "classification"]
         if self.method not in allowed:
             raise ConfigError(f"method={self.method!r} with dataset={self.dataset!r}: allowed: {', '.join(allowed)}")
@@ -140,6 +139,13 @@ def preset(name: str) -> Config:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
     return Config(**PRESETS[name])
+
+
+def check_fields(config, skip: tuple[str, ...] = ()) -> None:
+    """Every field of a config dataclass against the checks in its metadata (``_f``), but ``skip``."""
+    for f in dataclasses.fields(config):
+        if f.name not in skip:
+            _check(f, getattr(config, f.name))
 
 
 def _check(f: dataclasses.Field, value) -> None:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 from fewshot import config as fewshot_config
-from fewshot.config import ConfigError, _check, _f
+from fewshot.config import ConfigError, _f, check_fields
 
 ENVS = ("nav2d", "cheetah-vel", "cheetah-dir")
 METHODS = ("maml", "pretrained", "oracle")
@@ -40,8 +39,7 @@ class RLConfig:
     eval_steps: int = _f(3, "evaluate the return after 0..eval_steps policy-gradient steps", min=0)
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            _check(f, getattr(self, f.name))
+        check_fields(self)
         if self.method == "oracle" and self.env != "nav2d":
             raise ConfigError(f"method='oracle' with env={self.env!r}: allowed: env=nav2d")
 

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fewshot.config import ConfigError, _check, _toml_value
+from fewshot.config import ConfigError, _toml_value, check_fields
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -46,9 +46,7 @@ class ForecastConfig:
     seed: int = _f(0, "seed of weights and task stream", min=0)
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            if f.name != "sources":
-                _check(f, getattr(self, f.name))
+        check_fields(self, skip=("sources",))
         if not (len(self.groups) == len(self.lags) == len(self.horizons) == len(self.windows)):
             raise ConfigError("groups, lags, horizons and windows need one value per group each")
         for source in (*self.sources, self.evaluate_on):
