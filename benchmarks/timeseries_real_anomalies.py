@@ -118,9 +118,10 @@ def dominant_period(history: np.ndarray, max_lag: int) -> int:
 # --------------------------------------------------------------------------- scores
 
 
-def forecaster_rolling(run_dir: Path, series: Labelled, steps: int, windows: int | None = None) -> np.ndarray:
-    """Scores of values[warmup:], block by block, each block after adapting on the values before it.
+def forecaster_rolling(run_dir: Path, series: Labelled, steps: int, windows: int | None = None) -> tuple[np.ndarray, str]:
+    """(scores of values[warmup:], the model's group), block by block, each block after adapting on the values before it.
 
+    The group is chosen by the seasonal period detected in the warm-up part;
     ``windows``: support windows K per adaptation (default: the model's own K)."""
     _, models = load_run(run_dir)
     spec, maml = models[choose_group([s for s, _ in models.values()], series.values[: series.warmup]).name]
@@ -133,7 +134,7 @@ def forecaster_rolling(run_dir: Path, series: Labelled, steps: int, windows: int
         result = forecaster_scores(maml, spec, [series.values[:e] for e in chosen], int(last), steps)
         for e, row in zip(chosen, result.score):
             scores[e - last - series.warmup: e - series.warmup] = row
-    return scores
+    return scores, f"{spec.name}, L = {spec.lags}, H = {h}, K = {spec.windows}"
 
 
 def baseline_scores(series: Labelled) -> tuple[dict[str, np.ndarray], int]:
@@ -196,8 +197,8 @@ def main() -> None:
         baselines, m = baseline_scores(s)
         title = f"{s.name} ({len(s.values)} values, {int(s.labels.sum())} anomalous, scored after {s.warmup}; m = {m})"
         for run_dir, steps in runs.items():
-            scores = forecaster_rolling(run_dir, s, steps, args.windows)
-            detector = f"{FORECASTER}, {run_dir.name}, {steps} steps" + (f", K = {args.windows}" if args.windows else "")
+            scores, model = forecaster_rolling(run_dir, s, steps, args.windows)
+            detector = f"{FORECASTER}, {run_dir.name} ({model}), {steps} steps"
             lines.append(f"| {title} | {detector} | {cells(thresholds[run_dir][FORECASTER], labels, scores, s.warmup, single)} |")
             title = ""
         first = args.run_dirs[0]
