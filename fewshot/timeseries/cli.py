@@ -13,6 +13,7 @@ same models as an uninterrupted run).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -58,8 +59,6 @@ def run(args) -> int:
 
 
 def _train(args) -> int:
-    import dataclasses
-
     from fewshot.timeseries.forecaster import train_run
     from fewshot.train import TrainingDiverged, TrainingInterrupted, prepare_run_dir
 

@@ -35,7 +35,6 @@ from fewshot.checkpoint import atomic_write_text, load_checkpoint, save_checkpoi
 from fewshot.config import ConfigError
 from fewshot.timeseries import config as tscfg
 from fewshot.timeseries.data import Series, load_competition
-from fewshot.train import TrainingDiverged, _CtrlC, interrupted
 from fewshot.timeseries.windows import (
     SeriesTasks,
     denormalise,
@@ -46,6 +45,7 @@ from fewshot.timeseries.windows import (
     pad_series,
     sample_training_tasks,
 )
+from fewshot.train import TrainingDiverged, _CtrlC, interrupted
 
 CONFIG_FILE, CHECKPOINT_FILE, METRICS_FILE = "config.toml", "checkpoint.pt", "metrics.csv"
 Z_95 = 1.959964
@@ -154,8 +154,9 @@ def train_group(spec: GroupSpec, config: tscfg.ForecastConfig, series: list[np.n
         optimizer.zero_grad()
         loss = maml.meta_loss((tasks.support_x, tasks.support_y, tasks.query_x[:, None], target[:, None]))
         if not torch.isfinite(loss):
-            raise TrainingDiverged(f"group {spec.name}: training diverged at iteration {iteration}: meta-loss {loss.item()}; the last good "
-                                   f"checkpoint (iteration {last_checkpoint} of this group) is kept. Lower inner_lr or outer_lr.")  # fmt: skip
+            kept = f"iteration {last_checkpoint} of this group" if last_checkpoint else "the groups finished before this one"
+            raise TrainingDiverged(f"group {spec.name}: training diverged at iteration {iteration}: meta-loss {loss.item()}; "
+                                   f"the last good checkpoint ({kept}) is kept. Lower inner_lr or outer_lr.")  # fmt: skip
         loss.backward()
         optimizer.step()
         if iteration % config.val_every == 0 or iteration == config.iterations:
@@ -166,7 +167,8 @@ def train_group(spec: GroupSpec, config: tscfg.ForecastConfig, series: list[np.n
                 checkpoint(progress(iteration))
                 last_checkpoint = iteration
         if ctrl_c is not None and ctrl_c.pressed:
-            checkpoint(progress(iteration))
+            if checkpoint is not None:
+                checkpoint(progress(iteration))
             raise interrupted(run_dir, f"{iteration} of group {spec.name}")
     return maml, rows
 

@@ -84,3 +84,20 @@ def test_cli_resume_exit_codes_and_config_check(tmp_path, monkeypatch, capsys):
     train_run(tmp_path / "whole", SMALL, log=lambda *_: None)
     whole, resumed = parameters(tmp_path / "whole"), parameters(out)
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_non_finite_loss_stops_before_the_step_keeping_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    real = forecaster.sample_training_tasks
+    calls = {"n": 0}
+
+    def nan_at_28(*args):
+        calls["n"] += 1
+        tasks, target, series, origin = real(*args)
+        return tasks, target * float("nan") if calls["n"] == 28 else target, series, origin
+
+    monkeypatch.setattr(forecaster, "sample_training_tasks", nan_at_28)
+    assert main(["forecast", "train", "m1m3-zeroshot", "--out", str(tmp_path / "run"), *SMALL_ARGS]) == 1
+    assert "group quarterly: training diverged at iteration 8: meta-loss nan; the last good checkpoint (iteration 5 of this group)" in capsys.readouterr().err
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert set(state["groups"]) == {"yearly"} and state["in_training"]["iteration"] == 5
+    assert all(torch.isfinite(v).all() for v in state["in_training"]["state"].values())
