@@ -44,7 +44,7 @@ def metric_rows(run_dir):
     return [line.rsplit(",", 1)[0] for line in (run_dir / "metrics.csv").read_text().splitlines()]  # without the seconds
 
 
-@pytest.mark.parametrize("stop_at, group, iteration", [(12, "yearly", 12), (27, "quarterly", 7)])
+@pytest.mark.parametrize("stop_at, group, iteration", [(10, "yearly", 10), (12, "yearly", 12), (27, "quarterly", 7)])
 def test_resume_after_ctrl_c_equals_an_uninterrupted_run(tmp_path, monkeypatch, stop_at, group, iteration):
     train_run(tmp_path / "whole", SMALL, log=lambda *_: None)
     press_ctrl_c_at(monkeypatch, stop_at)
