@@ -21,6 +21,7 @@ import numpy as np
 from fewshot.config import ConfigError
 from fewshot.timeseries.data import SeriesBlock, SeriesInputError, read_long
 from fewshot.timeseries.forecaster import choose_group, forecast, load_run
+from fewshot.timeseries.timestamps import future_timestamps
 
 ANOMALY_FILE = "anomaly.json"
 DEFAULT_THRESHOLD = 4.0  # used when the run has no threshold chosen on meta-validation series (anomaly.json)
@@ -98,7 +99,10 @@ def _groups_of(block: SeriesBlock, specs, frequency):
 
 
 def predict_file(run_dir, input, output, horizon=None, frequency=None, steps=None, batch_series=4096, chunk_rows=500_000, plot=None) -> dict:
-    """Forecast every series of ``input`` into ``output``: series_id, step, forecast, lower, upper, method, n_filled."""
+    """Forecast every series of ``input`` into ``output``: series_id, timestamp, step, forecast, lower, upper, method, n_filled.
+
+    ``timestamp`` continues each series' own timestamps (``fewshot.timeseries.timestamps``;
+    irregular timestamps raise ``IrregularTimestamps``)."""
     import pandas as pd
 
     config, models = load_run(run_dir)
@@ -117,8 +121,9 @@ def predict_file(run_dir, input, output, horizon=None, frequency=None, steps=Non
             h = horizon or spec.horizon
             result = forecast(maml, spec, [block.values[i] for i in index], steps, h)
             index = np.asarray(index)
+            timestamps = future_timestamps(ids[index], [block.timestamps[i] for i in index], h)
             frames.append(pd.DataFrame({
-                "_order": np.repeat(index, h), "series_id": np.repeat(ids[index], h), "step": np.tile(np.arange(1, h + 1), len(index)),
+                "_order": np.repeat(index, h), "series_id": np.repeat(ids[index], h), "timestamp": timestamps, "step": np.tile(np.arange(1, h + 1), len(index)),
                 "forecast": result.mean.ravel(), "lower": result.lower.ravel(), "upper": result.upper.ravel(),
                 "method": np.repeat(np.asarray(result.method, dtype=object), h), "n_filled": np.repeat(block.n_filled[index], h),
             }))  # fmt: skip
@@ -126,7 +131,8 @@ def predict_file(run_dir, input, output, horizon=None, frequency=None, steps=Non
                 drawn.append((block.ids[i], block.values[i], result.mean[j], result.lower[j], result.upper[j], None))
         empty = np.asarray(sorted(set(range(len(ids))) - {i for index in grouped.values() for i in index}), dtype=int)
         if len(empty):  # series without any value: one row, no forecast
-            frames.append(pd.DataFrame({"_order": empty, "series_id": ids[empty], "step": 1, "forecast": np.nan, "lower": np.nan,
+            no_step = future_timestamps(ids[empty], [block.timestamps[i] for i in empty], 1)  # empty values of the input's type
+            frames.append(pd.DataFrame({"_order": empty, "series_id": ids[empty], "timestamp": no_step, "step": 1, "forecast": np.nan, "lower": np.nan,
                                         "upper": np.nan, "method": "none (no values)", "n_filled": block.n_filled[empty]}))  # fmt: skip
         return frames
 
