@@ -37,6 +37,8 @@ class RLConfig:
     checkpoint_every: int = _f(10, "meta-iterations between checkpoints", min=1)
     n_test_tasks: int = _f(40, "fixed evaluation tasks (the same for every run of a task family)", min=1)
     eval_steps: int = _f(3, "evaluate the return after 0..eval_steps policy-gradient steps", min=0)
+    eval_trajectories: int = _f(40, "trajectories per task before each evaluation step (the authors' test script, maml_examples/test_maml_point.py: 4,000 steps = 40 trajectories of 100)", min=2)
+    eval_later_lr_scale: float = _f(0.5, "evaluation steps after the first have step size inner_lr times this (the authors' test script: 0.5; 1.0: every step inner_lr)", min=0.0)
 
     def __post_init__(self):
         check_fields(self)

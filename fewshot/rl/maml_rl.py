@@ -21,6 +21,7 @@ trajectories packed as x = (observation, action) and y = (advantage, mask).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -231,20 +232,30 @@ def trpo_meta_step(policy: nn.Module, batch: MetaBatch, config: RLConfig) -> Ste
 # --------------------------------------------------------------------------- adaptation at test time
 
 
+def evaluation_step_sizes(config: RLConfig, steps: int, inner_lr: float | None = None) -> list[float]:
+    """Step size of each evaluation step: ``inner_lr`` (default alpha), then ``eval_later_lr_scale`` times it.
+
+    The authors' test script (cbfinn/maml_rl, maml_examples/test_maml_point.py)
+    takes its first step at the training step size and halves it after.
+    """
+    first = config.inner_lr if inner_lr is None else inner_lr
+    return [first * (1.0 if step == 0 else config.eval_later_lr_scale) for step in range(steps)]
+
+
 def adaptation_episodes(policy: nn.Module, tasks: list[dict], config: RLConfig, steps: int, seed: int, inner_lr: float | None = None) -> list[Episodes]:
     """Trajectories of every task after 0, 1, ..., ``steps`` policy-gradient steps (``steps + 1`` entries).
 
-    Fresh trajectories are sampled before every step (the paper's evaluation);
-    the step size is ``inner_lr`` (default: the config's alpha).
+    ``config.eval_trajectories`` fresh trajectories per task are sampled before
+    every step (the authors' test script: 40), steps sized by ``evaluation_step_sizes``.
     """
     generator = torch.Generator().manual_seed(seed)
-    lr_config = config if inner_lr is None else RLConfig(**{**config.__dict__, "inner_lr": inner_lr})
+    step_configs = [dataclasses.replace(config, inner_lr=lr) for lr in evaluation_step_sizes(config, steps, inner_lr)]
     params = per_task_copies({n: p.detach() for n, p in policy.named_parameters()}, len(tasks))
     sampled = []
     for step in range(steps + 1):
-        sampled.append(rollouts.sample(policy, params, config.env, tasks, config.trajectories, seed + step, generator, config.method == "oracle", config.reward))
+        sampled.append(rollouts.sample(policy, params, config.env, tasks, config.eval_trajectories, seed + step, generator, config.method == "oracle", config.reward))
         if step < steps:
-            params = {n: p.detach() for n, p in inner_update(policy, params, sampled[-1], lr_config, first_order=True).items()}
+            params = {n: p.detach() for n, p in inner_update(policy, params, sampled[-1], step_configs[step], first_order=True).items()}
     return sampled
 
 

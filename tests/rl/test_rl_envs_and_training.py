@@ -1,5 +1,7 @@
 """The task environments, a short meta-training run that learns to move toward the goal, resume, and the CLI."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -93,6 +95,17 @@ def test_short_meta_training_run_adapts_toward_the_goal(tmp_path):
     assert after < 0.9 * start and after < 0.8 * before
     untrained = maml_rl.adaptation_episodes(build_policy(config), tasks, config, 1, seed=5)[1]
     assert after < 0.8 * _final_distance(untrained, tasks)
+
+
+def test_evaluation_follows_the_authors_test_protocol():
+    """40 trajectories per task before each step; the first step at alpha, later ones at alpha / 2 (test_maml_point.py)."""
+    config = RLConfig(hidden=(8, 8), inner_lr=0.5)
+    assert maml_rl.evaluation_step_sizes(config, 3) == [0.5, 0.25, 0.25]
+    assert maml_rl.evaluation_step_sizes(config, 2, inner_lr=0.1) == [0.1, 0.05]
+    assert maml_rl.evaluation_step_sizes(RLConfig(eval_later_lr_scale=1.0), 2) == [0.1, 0.1]
+    tasks = envs.sample_tasks("nav2d", 3, seed=1)
+    sampled = maml_rl.adaptation_episodes(build_policy(config), tasks, dataclasses.replace(config, eval_trajectories=7), 2, seed=3)
+    assert [tuple(e.mask.shape) for e in sampled] == [(3, 100, 7)] * 3  # (tasks, horizon, trajectories)
 
 
 TINY = ["--no-progress", "--set", "hidden=8,8", "--set", "meta_batch=2", "--set", "trajectories=3", "--set", "n_test_tasks=4",
