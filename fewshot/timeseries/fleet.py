@@ -250,10 +250,11 @@ def run_job(job: FleetJob, input, outputs: Sequence, workers: int = 0, scheduler
     return {**stats, "seconds": time.time() - start, "threshold": anomaly_threshold(job.run_dir)}
 
 
-def predict_file(run_dir, input, output, horizon=None, frequency=None, steps=None, batch_series=4096, chunk_rows=500_000, plot=None, workers=0) -> dict:
+def predict_file(run_dir, input, output, horizon=None, frequency=None, steps=None, batch_series=4096, chunk_rows=500_000, plot=None,
+                 workers=0, scheduler=None) -> dict:  # fmt: skip
     """Forecast every series of ``input`` into ``output``: series_id, step, forecast, lower, upper, method, n_filled."""
     job = FleetJob(str(run_dir), horizon=horizon, frequency=frequency, steps=steps, batch_series=batch_series, chunk_rows=chunk_rows)
-    return run_job(job, input, [output], workers, plot=plot)
+    return run_job(job, input, [output], workers, scheduler, plot)
 
 
 def anomaly_threshold(run_dir) -> float:
@@ -261,14 +262,15 @@ def anomaly_threshold(run_dir) -> float:
     return float(json.loads(path.read_text())["threshold"]) if path.is_file() else DEFAULT_THRESHOLD
 
 
-def anomalies_file(run_dir, input, output, last=None, frequency=None, steps=None, batch_series=4096, chunk_rows=500_000, plot=None, workers=0) -> dict:
+def anomalies_file(run_dir, input, output, last=None, frequency=None, steps=None, batch_series=4096, chunk_rows=500_000, plot=None,
+                   workers=0, scheduler=None) -> dict:  # fmt: skip
     """Score the last values of every series: series_id, timestamp, value, predicted, lower, upper, score, anomaly.
 
     A series too short to score (at most L + last values) is reported with empty scores.
     """
     job = FleetJob(str(run_dir), forecast=False, score=True, last=last, frequency=frequency, steps=steps, batch_series=batch_series,
                    chunk_rows=chunk_rows)  # fmt: skip
-    return run_job(job, input, [output], workers, plot=plot)
+    return run_job(job, input, [output], workers, scheduler, plot)
 
 
 def monitor_file(run_dir, input, forecast_output, anomalies_output, horizon=None, last=None, frequency=None, steps=None,
