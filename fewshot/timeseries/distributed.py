@@ -16,19 +16,24 @@ The plan, for one input file and the job's outputs:
    read on into the next piece, one begun in the piece before is skipped), so no
    series is split and every series is in exactly one piece.
 2. Each worker runs ``FleetFrames`` over its pieces, as one process does over
-   the file, and writes each output of a piece to its own part file in a
-   temporary folder beside the first output (a folder that every worker must
-   see: on one machine any; on a cluster a shared file system).
-3. The driver appends the parts to the outputs in piece order as they finish,
-   and removes them. Every number is computed per series (the vmapped
-   adaptation treats each series on its own), and rows come in input order, so
-   the outputs hold the same rows as a run in one process (tests/timeseries).
+   the file, and writes each output of a piece to its own part file
+   (part-000000.parquet, ...) in a temporary folder beside the output (a folder
+   every worker must see: on one machine any; on a cluster a shared file system).
+3. At the end the folder becomes the output: a ``.parquet`` output is a Parquet
+   dataset (a folder of parts in piece order, read as one table by
+   ``pandas.read_parquet`` or ``pyarrow.parquet.read_table``); a ``.csv`` output
+   is one file, the parts appended in order. The driver never decodes the
+   data: re-encoding 2 x 36 million output rows into one Parquet file cost
+   more CPU than one worker's share (BENCHMARKS.md). Every number is computed
+   per series (the vmapped adaptation treats each series on its own), and rows
+   come in input order, so the tables are those of a run in one process
+   (tests/timeseries).
 
 Memory per worker is that of one process (bounded by the chunk and the batch
-of series); the driver holds one part's row group at a time, plus 8 bytes a
-series: each piece returns a stable 64-bit hash of its series ids, and the
-driver checks at the end that no series id came in two pieces (its rows split
-into separate blocks of the file), which one process reports as it reads.
+of series); the driver holds 8 bytes a series: each piece returns a stable
+64-bit hash of its series ids, and the driver checks at the end that no series
+id came in two pieces (its rows split into separate blocks of the file), which
+one process reports as it reads.
 """
 
 from __future__ import annotations
@@ -74,49 +79,71 @@ def run_piece(job: FleetJob, input: str, rows: tuple[int, int], parts: Sequence[
 
 
 def run_distributed(job: FleetJob, input, outputs: Sequence, workers: int = 2, scheduler: str | None = None, piece_rows: int | None = None) -> dict:
-    """Run ``job`` over the Parquet file ``input`` on Dask; the outputs are those of ``fleet.run_job`` in one process.
+    """Run ``job`` over the Parquet file ``input`` on Dask; the outputs hold the tables ``fleet.run_job`` writes in one process.
 
-    ``workers`` local worker processes of one thread each (a ``LocalCluster``), or the
-    running cluster at ``scheduler``. ``piece_rows``: rows per piece (default: the job's chunk_rows).
+    A ``.parquet`` output is written as a Parquet dataset: a folder of that name holding one part
+    per piece (part-000000.parquet, ...), which ``pandas.read_parquet`` and
+    ``pyarrow.parquet.read_table`` read as one table, rows in input order; a ``.csv`` output is
+    one file, the parts appended in order. ``workers`` local worker processes of one thread each
+    (a ``LocalCluster``), or the running cluster at ``scheduler``. ``piece_rows``: rows per
+    piece (default: the job's chunk_rows).
     """
+    from dask.distributed import as_completed
+
     input = Path(input)
     if not input.is_file():
         raise DataError(f"--input {input}: no such file")
     if input.suffix.lower() != ".parquet":
         raise SeriesInputError(f"--input {input}: --workers and --scheduler need a .parquet input (it is cut into pieces of rows)")
+    outputs = [Path(o) for o in outputs]
+    for output in outputs:
+        if output.suffix.lower() not in (".csv", ".parquet"):
+            raise SeriesInputError(f"--output {output}: must end in .csv or .parquet")
     FleetFrames(job)  # a bad run directory or horizon fails here, before any worker starts
     todo = pieces(input, piece_rows or job.chunk_rows)
-    writers, parts_dir = [], Path(tempfile.mkdtemp(dir=Path(outputs[0]).parent, prefix=".fleet-parts-"))
-    stats = {"series": 0, "flagged": 0, "pieces": len(todo), "worker_threads": set()}
+    folders, stats, hashes = [], {"series": 0, "flagged": 0, "pieces": len(todo), "worker_threads": set()}, []
     try:
         for output in outputs:
-            writers.append(_Writer(output))
+            folders.append(Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.parts-")))
+        parts = [[str(folder / f"part-{i:06d}{output.suffix.lower()}") for folder, output in zip(folders, outputs)] for i in range(len(todo))]
         with _client(workers, scheduler) as client:
-            parts = [[str(parts_dir / f"{i:06d}-{k}{Path(o).suffix.lower()}") for k, o in enumerate(outputs)] for i in range(len(todo))]
             futures = [client.submit(run_piece, job, str(input), rows, part, pure=False) for rows, part in zip(todo, parts)]
-            hashes = []
-            for future, part in zip(futures, parts):  # in piece order, as they finish
+            for future in as_completed(futures):
                 result = future.result()
-                if result["series"]:
-                    for writer, path in zip(writers, part):
-                        writer.append(Path(path))
-                for path in part:
-                    Path(path).unlink(missing_ok=True)
                 stats["series"] += result["series"]
                 stats["flagged"] += result["flagged"]
                 stats["worker_threads"].add(result["threads"])
                 hashes.append(result["ids"])
         _check_each_series_once(np.concatenate(hashes) if hashes else np.empty(0, dtype=np.uint64), input)
-    except BaseException:
-        for writer in writers:
-            writer.abort()
-        raise
+        for folder, output in zip(folders, outputs):
+            _finish(folder, output)
     finally:
-        shutil.rmtree(parts_dir, ignore_errors=True)
-    for writer in writers:
-        writer.close()
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
     stats["worker_threads"] = sorted(stats["worker_threads"])
     return stats
+
+
+def _finish(folder: Path, output: Path) -> None:
+    """The parts in ``folder`` -> ``output``: the folder itself (Parquet dataset) or one CSV file."""
+    parts = sorted(folder.iterdir())
+    for part in parts:
+        if part.stat().st_size == 0:  # a piece that starts no series
+            part.unlink()
+    if output.suffix.lower() == ".csv":
+        writer = _Writer(output)
+        for part in parts:
+            if part.exists():
+                writer.append(part)
+        writer.close()
+        return
+    old = None
+    if output.exists() or output.is_symlink():
+        old = output.with_name(f".{output.name}.old-{folder.name}")
+        output.rename(old)
+    folder.rename(output)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
 def _client(workers: int, scheduler: str | None):

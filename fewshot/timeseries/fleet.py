@@ -59,25 +59,14 @@ class _Writer:
         self.rows += len(frame)
 
     def append(self, part: Path) -> None:
-        """Append the rows of a file written by a ``_Writer`` of the same format (a distributed piece's part)."""
-        if self.parquet:
-            import pyarrow.parquet as pq
-
-            file = pq.ParquetFile(part, pre_buffer=False)
-            for i in range(file.metadata.num_row_groups):
-                table = file.read_row_group(i)
-                if self.writer is None:
-                    self.writer = pq.ParquetWriter(self.tmp, table.schema)
-                self.writer.write_table(table.cast(self.writer.schema))
-                self.rows += table.num_rows
-        else:
-            with open(part, "rb") as source, open(self.tmp, "ab") as target:
-                header = source.readline()
-                if self.rows == 0:
-                    target.write(header)
-                for line in source:
-                    target.write(line)
-                    self.rows += 1
+        """Append the rows of a CSV file written by another ``_Writer`` (a distributed piece's part)."""
+        with open(part, "rb") as source, open(self.tmp, "ab") as target:
+            header = source.readline()
+            if self.rows == 0:
+                target.write(header)
+            while chunk := source.read(1 << 20):
+                target.write(chunk)
+                self.rows += chunk.count(b"\n")
 
     def close(self) -> None:
         if self.writer is not None:

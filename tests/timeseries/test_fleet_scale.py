@@ -64,9 +64,12 @@ def test_dask_two_workers_equals_one_process(quarterly_run, tmp_path, dask_sched
     # pieces of 150 rows: many series cut by a piece boundary
     dask = monitor_file(quarterly_run, source, tmp_path / "f2.parquet", tmp_path / "a2.parquet", batch_series=5, chunk_rows=150, scheduler=dask_scheduler)
     assert dask["pieces"] == -(-pq.ParquetFile(source).metadata.num_rows // 150) >= 10 and dask["series"] == one["series"] == 40 and dask["flagged"] == one["flagged"]
-    for a, b in (("f1", "f2"), ("a1", "a2")):
-        assert pq.read_table(tmp_path / f"{a}.parquet").equals(pq.read_table(tmp_path / f"{b}.parquet"))
+    for a, b in (("f1", "f2"), ("a1", "a2")):  # b: a Parquet dataset, one part per piece that starts a series
+        assert (tmp_path / f"{b}.parquet").is_dir() and pq.read_table(tmp_path / f"{a}.parquet").equals(pq.read_table(tmp_path / f"{b}.parquet"))
         pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / f"{a}.parquet"), pd.read_parquet(tmp_path / f"{b}.parquet"), check_exact=True)
+    anomalies_file(quarterly_run, source, tmp_path / "a3.csv", chunk_rows=150, scheduler=dask_scheduler)  # CSV: one file, parts appended
+    anomalies_file(quarterly_run, source, tmp_path / "a4.csv")
+    assert (tmp_path / "a3.csv").read_bytes() == (tmp_path / "a4.csv").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no part or temporary file left
 
 
