@@ -80,7 +80,7 @@ class MemorySampler(threading.Thread):
         import psutil
 
         self.me, self.period, self.stop = psutil.Process(), period, threading.Event()
-        self.peak_total, self.peak_each, self.trace, self.start_time = 0, {}, [], time.time()
+        self.peak_total, self.peak_each, self.cpu_each, self.trace, self.start_time = 0, {}, {}, [], time.time()
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -88,6 +88,8 @@ class MemorySampler(threading.Thread):
             for process in [self.me] + self.me.children(recursive=True):
                 try:
                     rss = process.memory_info().rss
+                    cpu = process.cpu_times()
+                    self.cpu_each[process.pid] = cpu.user + cpu.system
                 except Exception:  # exited between listing and reading
                     continue
                 total += rss
@@ -134,7 +136,7 @@ def main() -> None:
     each = sorted((v >> 20 for v in sampler.peak_each.values()), reverse=True)
     print(f"{args.mode}: {stats['series']} series in {seconds:.1f} s = {stats['series'] / seconds:.0f} series/s ({threads}), "
           f"peak RSS total {sampler.peak_total / 2**20:.0f} MiB (this process {own_mib:.0f} MiB; per process {each} MiB), "
-          f"{stats['flagged']} flagged, 2,000,000 series: {2e6 / (stats['series'] / seconds) / 60:.1f} min")  # fmt: skip
+          f"CPU {sum(sampler.cpu_each.values()):.0f} s, {stats['flagged']} flagged, 2,000,000 series: {2e6 / (stats['series'] / seconds) / 60:.1f} min")  # fmt: skip
     if args.trace:
         with open(args.trace, "w") as out:
             out.write("seconds,rss_total_mib\n" + "".join(f"{t},{m}\n" for t, m in sampler.trace))

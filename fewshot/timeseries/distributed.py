@@ -147,13 +147,18 @@ def _finish(folder: Path, output: Path) -> None:
 
 
 def _client(workers: int, scheduler: str | None):
+    import dask
     from dask.distributed import Client, LocalCluster
 
     if scheduler:
         return Client(scheduler)
     if workers < 1:
         raise SeriesInputError(f"--workers {workers}: must be an integer >= 1")
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR)
+    # Dask starts its workers with MALLOC_TRIM_THRESHOLD_=65536, so that glibc gives freed memory back at once;
+    # with torch's large short-lived tensors that made every batch fault its pages in anew: 2.7x the CPU time of
+    # one process for the same series (BENCHMARKS.md). glibc's default threshold keeps memory flat here.
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR)
     return _ClusterClient(cluster)
 
 
