@@ -239,7 +239,8 @@ def from_toml(text: str, source: str = "config", cls=Config) -> Config:
             value = tuple(value)
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if type(value) is not expected or (expected is tuple and not all(type(v) is int for v in value)):
+        element = type(fields[key].default[0]) if expected is tuple and fields[key].default else int
+        if type(value) is not expected or (expected is tuple and not all(type(v) is element for v in value)):
             raise ConfigError(f"{source}: {key} = {value!r}: expected {_type_name(fields[key])}")
         values[key] = value
     return cls(**values)

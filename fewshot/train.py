@@ -71,20 +71,23 @@ def load_run(run_dir: Path, device: str | None = None) -> tuple[Config, nn.Modul
     return config, method.to(resolve_device(device)), state
 
 
-def prepare_run_dir(run_dir: Path, config: Config, resume: bool, overrides: dict) -> tuple[Config, bool]:
+def prepare_run_dir(run_dir: Path, config: Config, resume: bool, overrides: dict, extendable: tuple[str, ...] = ("iterations",)) -> tuple[Config, bool]:
     """Write the config of a new run, or read and extend the config of a run to resume.
 
     Returns the config to train and whether a checkpoint is resumed: ``resume``
     without a checkpoint starts a new run, so a resumable command can be rerun.
+    On resume, ``overrides`` (key -> value) other than the ``extendable`` keys
+    must equal the stored config's.
     """
     run_dir = Path(run_dir)
     resume = resume and (run_dir / CHECKPOINT_FILE).is_file()
     if resume:
-        stored = load(run_dir / CONFIG_FILE, cls=type(config))  # Config, or fewshot.rl's RLConfig
-        changed = sorted(k for k, v in overrides.items() if getattr(stored, k) != v and k != "iterations")
+        stored = load(run_dir / CONFIG_FILE, cls=type(config))  # Config, RLConfig or ForecastConfig
+        changed = sorted(k for k, v in overrides.items() if getattr(stored, k) != v and k not in extendable)
         if changed:
-            raise ConfigError(f"--resume: cannot change {', '.join(changed)} of an existing run (only --iterations)")
-        config = type(config)(**{**stored.__dict__, "iterations": overrides.get("iterations", stored.iterations)})
+            allowed = f"only {', '.join('--' + k for k in extendable)}" if extendable else "its config is fixed"
+            raise ConfigError(f"--resume: cannot change {', '.join(changed)} of an existing run ({allowed})")
+        config = type(config)(**{**stored.__dict__, **{k: overrides[k] for k in extendable if k in overrides}})
     else:
         if (run_dir / CHECKPOINT_FILE).exists():
             raise ConfigError(f"--out {run_dir}: holds a run already; pass --resume or choose another --out")

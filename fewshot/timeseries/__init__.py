@@ -10,6 +10,7 @@ Modules: ``data`` (competition data and long-format CSV/Parquet readers),
 ``windows`` (series as tasks: lag windows, per-series scaling), ``forecaster``
 (the model, meta-training, batched adaptation and forecasting), ``accuracy``
 (sMAPE, MASE, seasonal naive), ``anomalies`` (scores, injected anomalies,
-detection metrics), ``fleet`` (streaming Parquet -> Parquet: predict, anomalies, both in
-one pass), ``distributed`` (the same jobs on Dask), ``cli``.
+detection metrics), ``timestamps`` (the forecasts' timestamps), ``fleet`` (streaming
+Parquet -> Parquet: predict, anomalies, both in one pass), ``distributed`` (the same
+jobs on Dask), ``cli``.
 """

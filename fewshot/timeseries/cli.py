@@ -1,18 +1,20 @@
 """``python -m fewshot forecast ...``: train a forecasting preset, forecast or flag anomalies in a long-format file.
 
-    fewshot forecast train PRESET [--out RUN_DIR] [--set key=value]
+    fewshot forecast train PRESET [--out RUN_DIR] [--set key=value] [--resume]
     fewshot forecast predict RUN_DIR --input FILE --output FILE [--horizon H] [--frequency F] [--plot PNG]
     fewshot forecast anomalies RUN_DIR --input FILE --output FILE [--last N] [--frequency F] [--plot PNG]
     fewshot forecast monitor RUN_DIR --input FILE --forecast FILE --anomalies FILE [--horizon H] [--last N] [--workers W]
     fewshot forecast presets
 
 Exit status: 0 done, 1 training diverged, 2 bad input (one line naming the argument),
-130 training interrupted (the groups already trained are saved; there is no resume yet).
+130 training interrupted by Ctrl-C (a checkpoint is written; ``--resume`` continues it to the
+same models as an uninterrupted run).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -31,6 +33,7 @@ def add_parser(sub) -> None:
     train.add_argument("preset", metavar="PRESET", help=f"one of: {', '.join(tscfg.PRESETS)}")
     train.add_argument("--out", type=Path, help="run directory (default: runs/PRESET)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (see `fewshot forecast presets`)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint (same config; a new run if it has none)")
 
     for name, help in (("predict", "forecast every series of a long-format file"), ("anomalies", "score the last values of every series")):
         command = commands.add_parser(name, help=help)
@@ -79,17 +82,18 @@ def run(args) -> int:
 
 def _train(args) -> int:
     from fewshot.timeseries.forecaster import train_run
+    from fewshot.train import TrainingDiverged, TrainingInterrupted, prepare_run_dir
 
     config = tscfg.with_overrides(tscfg.preset(args.preset), args.set)
     run_dir = args.out or Path("runs") / args.preset
+    config, resume = prepare_run_dir(run_dir, config, args.resume, dataclasses.asdict(config), extendable=())
     try:
-        train_run(run_dir, config)
-    except FloatingPointError as e:
+        train_run(run_dir, config, resume=resume)
+    except TrainingDiverged as e:
         print(f"fewshot forecast train: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"fewshot forecast train: interrupted; the groups finished so far are in {run_dir}/checkpoint.pt "
-              "(no resume: train again to finish)", file=sys.stderr)  # fmt: skip
+    except TrainingInterrupted as e:
+        print(f"fewshot forecast train: {e}", file=sys.stderr)
         return 130
     print(f"trained {args.preset}: {run_dir}")
     return 0

@@ -9,16 +9,12 @@ own lag window, horizon, number of support windows and seasonal period.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fewshot.config import ConfigError, _toml_value, check_fields
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from fewshot.config import load as base_load
+from fewshot.config import to_toml as base_to_toml
 
 GROUPS = ("yearly", "quarterly", "monthly", "all")
 
@@ -116,18 +112,11 @@ def _parse(f: dataclasses.Field, text: str):
 
 
 def to_toml(config: ForecastConfig) -> str:
-    return "".join(f"{k} = {_toml_value(v)}\n" for k, v in dataclasses.asdict(config).items())
+    return base_to_toml(config)
 
 
 def load(path: Path) -> ForecastConfig:
-    try:
-        data = tomllib.loads(Path(path).read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML ({e})") from None
-    fields = {f.name for f in dataclasses.fields(ForecastConfig)}
-    if set(data) - fields:
-        raise ConfigError(f"{path}: unknown keys {sorted(set(data) - fields)}")
-    return ForecastConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    return base_load(Path(path), cls=ForecastConfig)
 
 
 def describe() -> str:

@@ -27,6 +27,7 @@ import numpy as np
 from fewshot.config import ConfigError
 from fewshot.timeseries.data import SeriesBlock, SeriesInputError, read_long
 from fewshot.timeseries.forecaster import choose_group, forecast, load_run
+from fewshot.timeseries.timestamps import future_timestamps
 
 ANOMALY_FILE = "anomaly.json"
 DEFAULT_THRESHOLD = 4.0  # used when the run has no threshold chosen on meta-validation series (anomaly.json)
@@ -126,7 +127,7 @@ class FleetJob:
     """
 
     run_dir: str
-    forecast: bool = True  # write forecasts: series_id, step, forecast, lower, upper, method, n_filled
+    forecast: bool = True  # write forecasts: series_id, timestamp, step, forecast, lower, upper, method, n_filled
     score: bool = False  # write anomaly scores: series_id, timestamp, value, predicted, lower, upper, score, anomaly
     horizon: int | None = None  # forecast steps (default: each model's horizon)
     last: int | None = None  # values scored per series (default: each model's horizon)
@@ -168,8 +169,9 @@ class FleetFrames:
             h = self.job.horizon or spec.horizon
             result = forecast(maml, spec, [block.values[i] for i in index], self.steps, h)
             index = np.asarray(index)
+            timestamps = future_timestamps(ids[index], [block.timestamps[i] for i in index], h)
             frames.append(pd.DataFrame({
-                "_order": np.repeat(index, h), "series_id": np.repeat(ids[index], h), "step": np.tile(np.arange(1, h + 1), len(index)),
+                "_order": np.repeat(index, h), "series_id": np.repeat(ids[index], h), "timestamp": timestamps, "step": np.tile(np.arange(1, h + 1), len(index)),
                 "forecast": result.mean.ravel(), "lower": result.lower.ravel(), "upper": result.upper.ravel(),
                 "method": np.repeat(np.asarray(result.method, dtype=object), h), "n_filled": np.repeat(block.n_filled[index], h),
             }))  # fmt: skip
@@ -177,7 +179,8 @@ class FleetFrames:
                 self.drawn.append((block.ids[i], block.values[i], result.mean[j], result.lower[j], result.upper[j], None))
         empty = np.asarray(sorted(set(range(len(ids))) - {i for index in grouped.values() for i in index}), dtype=int)
         if len(empty):  # series without any value: one row, no forecast
-            frames.append(pd.DataFrame({"_order": empty, "series_id": ids[empty], "step": 1, "forecast": np.nan, "lower": np.nan,
+            no_step = future_timestamps(ids[empty], [block.timestamps[i] for i in empty], 1)  # empty values of the input's type
+            frames.append(pd.DataFrame({"_order": empty, "series_id": ids[empty], "timestamp": no_step, "step": 1, "forecast": np.nan, "lower": np.nan,
                                         "upper": np.nan, "method": "none (no values)", "n_filled": block.n_filled[empty]}))  # fmt: skip
         return _in_input_order(frames)
 
@@ -241,7 +244,10 @@ def run_job(job: FleetJob, input, outputs: Sequence, workers: int = 0, scheduler
 
 def predict_file(run_dir, input, output, horizon=None, frequency=None, steps=None, batch_series=4096, chunk_rows=500_000, plot=None,
                  workers=0, scheduler=None) -> dict:  # fmt: skip
-    """Forecast every series of ``input`` into ``output``: series_id, step, forecast, lower, upper, method, n_filled."""
+    """Forecast every series of ``input`` into ``output``: series_id, timestamp, step, forecast, lower, upper, method, n_filled.
+
+    ``timestamp`` continues each series' own timestamps (``fewshot.timeseries.timestamps``;
+    irregular timestamps raise ``IrregularTimestamps``)."""
     job = FleetJob(str(run_dir), horizon=horizon, frequency=frequency, steps=steps, batch_series=batch_series, chunk_rows=chunk_rows)
     return run_job(job, input, [output], workers, scheduler, plot)
 

@@ -45,6 +45,7 @@ from fewshot.timeseries.windows import (
     pad_series,
     sample_training_tasks,
 )
+from fewshot.train import TrainingDiverged, _CtrlC, interrupted
 
 CONFIG_FILE, CHECKPOINT_FILE, METRICS_FILE = "config.toml", "checkpoint.pt", "metrics.csv"
 Z_95 = 1.959964
@@ -115,8 +116,16 @@ def choose_group(specs: Sequence[GroupSpec], values: np.ndarray, frequency: str 
 # --------------------------------------------------------------------------- meta-training
 
 
-def train_group(spec: GroupSpec, config: tscfg.ForecastConfig, series: list[np.ndarray], log=print) -> tuple[MAML, list[dict]]:
-    """Meta-train one group's model on ``series`` (90%; 10% held out for the validation rows)."""
+def train_group(spec: GroupSpec, config: tscfg.ForecastConfig, series: list[np.ndarray], log=print, resume_from: dict | None = None,
+                checkpoint=None, ctrl_c=None, run_dir: Path | None = None) -> tuple[MAML, list[dict]]:  # fmt: skip
+    """Meta-train one group's model on ``series`` (90%; 10% held out for the validation rows).
+
+    ``checkpoint(progress)`` is called with the group's training state (``progress``:
+    weights, optimizer, task stream and torch random states, metrics rows) after
+    every validation and when ``ctrl_c.pressed`` (``fewshot.train._CtrlC``), which
+    then raises ``TrainingInterrupted`` naming ``run_dir``; ``resume_from`` is such
+    a state to continue from.
+    """
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(len(series), generator=generator).tolist()
@@ -125,21 +134,42 @@ def train_group(spec: GroupSpec, config: tscfg.ForecastConfig, series: list[np.n
     val = [series[i] for i in order[:n_val]]
     maml = build_maml(spec, config)
     optimizer = torch.optim.Adam(maml.parameters(), lr=config.outer_lr)
+    rows, start = [], 0
+    if resume_from is not None:
+        maml.load_state_dict(resume_from["state"])
+        optimizer.load_state_dict(resume_from["optimizer"])
+        generator.set_state(resume_from["task_stream"])
+        torch.set_rng_state(resume_from["torch_rng"])
+        rows, start = list(resume_from["rows"]), resume_from["iteration"]
     padded, lengths = pad_series(train, spec.lags, spec.windows, spec.horizon)
     val_tasks = validation_tasks(val, spec)
-    rows, start = [], time.time()
-    for iteration in range(1, config.iterations + 1):
+
+    def progress(iteration: int) -> dict:
+        return {"group": spec.name, "iteration": iteration, "state": maml.state_dict(), "optimizer": optimizer.state_dict(),
+                "task_stream": generator.get_state(), "torch_rng": torch.get_rng_state(), "rows": rows}  # fmt: skip
+
+    clock, last_checkpoint = time.time(), start
+    for iteration in range(start + 1, config.iterations + 1):
         tasks, target, _, _ = sample_training_tasks(padded, lengths, spec.lags, spec.horizon, spec.windows, config.meta_batch, generator)
         optimizer.zero_grad()
         loss = maml.meta_loss((tasks.support_x, tasks.support_y, tasks.query_x[:, None], target[:, None]))
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"group {spec.name}: non-finite meta-loss at iteration {iteration}")
+            kept = f"iteration {last_checkpoint} of this group" if last_checkpoint else "the groups finished before this one"
+            raise TrainingDiverged(f"group {spec.name}: training diverged at iteration {iteration}: meta-loss {loss.item()}; "
+                                   f"the last good checkpoint ({kept}) is kept. Lower inner_lr or outer_lr.")  # fmt: skip
         loss.backward()
         optimizer.step()
         if iteration % config.val_every == 0 or iteration == config.iterations:
             val_loss = validation_loss(maml, spec, val_tasks, config.adapt_steps)
-            rows.append({"group": spec.name, "iteration": iteration, "train_loss": loss.item(), "val_loss": val_loss, "seconds": round(time.time() - start, 1)})
-            log(f"  {spec.name} {iteration}/{config.iterations}: train {loss.item():.4f} val {val_loss:.4f} ({time.time() - start:.0f} s)")
+            rows.append({"group": spec.name, "iteration": iteration, "train_loss": loss.item(), "val_loss": val_loss, "seconds": round(time.time() - clock, 1)})
+            log(f"  {spec.name} {iteration}/{config.iterations}: train {loss.item():.4f} val {val_loss:.4f} ({time.time() - clock:.0f} s)")
+            if checkpoint is not None and iteration < config.iterations:  # the finished group is saved by train_run
+                checkpoint(progress(iteration))
+                last_checkpoint = iteration
+        if ctrl_c is not None and ctrl_c.pressed:
+            if checkpoint is not None:
+                checkpoint(progress(iteration))
+            raise interrupted(run_dir, f"{iteration} of group {spec.name}")
     return maml, rows
 
 
@@ -243,23 +273,51 @@ def forecast(maml: MAML, spec: GroupSpec, values: Sequence[np.ndarray], steps: i
 # --------------------------------------------------------------------------- runs on disk
 
 
-def train_run(run_dir: Path, config: tscfg.ForecastConfig, log=print) -> dict[str, MAML]:
-    """Meta-train every group of ``config`` into ``run_dir`` (config.toml, checkpoint.pt, metrics.csv)."""
+def train_run(run_dir: Path, config: tscfg.ForecastConfig, log=print, resume: bool = False) -> dict[str, MAML]:
+    """Meta-train every group of ``config`` into ``run_dir`` (config.toml, checkpoint.pt, metrics.csv).
+
+    The groups are trained one after the other. ``checkpoint.pt`` (written
+    atomically) holds every finished group's model and, after each validation
+    (every ``val_every`` iterations) and on Ctrl-C, the state of the group in
+    training (``train_group``). Ctrl-C writes it and raises ``TrainingInterrupted``;
+    ``resume=True`` continues from it to the same parameters, bit for bit, as an
+    uninterrupted run (``prepare_run_dir`` checks that the config is unchanged).
+    A non-finite meta-loss raises ``TrainingDiverged`` before the bad step.
+    """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / CONFIG_FILE, tscfg.to_toml(config))
-    models, rows, state = {}, [], {"groups": {}}
-    for spec in group_specs(config):
-        series = [s.history for source in config.sources for s in select_series(source, spec.name)]
-        if not series:
-            raise ConfigError(f"group {spec.name}: the sources {', '.join(config.sources)} hold no such series")
-        log(f"group {spec.name}: {len(series)} meta-train series, L={spec.lags}, H={spec.horizon}, K={spec.windows}")
-        maml, group_rows = train_group(spec, config, series, log)
-        models[spec.name] = maml
-        rows += group_rows
-        state["groups"][spec.name] = {"spec": asdict(spec), "state": maml.state_dict()}
-        save_checkpoint(run_dir / CHECKPOINT_FILE, state)  # after every group
-        atomic_write_text(run_dir / METRICS_FILE, _csv(rows))
+    if resume:
+        state = load_checkpoint(run_dir / CHECKPOINT_FILE)
+        state.setdefault("rows", [])
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / CONFIG_FILE, tscfg.to_toml(config))
+        state = {"groups": {}, "rows": []}
+    models = {}
+
+    def save(in_training: dict | None) -> None:
+        save_checkpoint(run_dir / CHECKPOINT_FILE, {**state, "in_training": in_training} if in_training else state)
+        rows = state["rows"] + (in_training["rows"] if in_training else [])
+        if rows:
+            atomic_write_text(run_dir / METRICS_FILE, _csv(rows))
+
+    with _CtrlC() as ctrl_c:
+        for spec in group_specs(config):
+            if spec.name in state["groups"]:  # finished before the interruption
+                models[spec.name] = build_maml(spec, config)
+                models[spec.name].load_state_dict(state["groups"][spec.name]["state"])
+                continue
+            series = [s.history for source in config.sources for s in select_series(source, spec.name)]
+            if not series:
+                raise ConfigError(f"group {spec.name}: the sources {', '.join(config.sources)} hold no such series")
+            log(f"group {spec.name}: {len(series)} meta-train series, L={spec.lags}, H={spec.horizon}, K={spec.windows}")
+            in_training = state.get("in_training")
+            resume_from = in_training if in_training is not None and in_training["group"] == spec.name else None
+            maml, rows = train_group(spec, config, series, log, resume_from, save, ctrl_c, run_dir)
+            models[spec.name] = maml
+            state["groups"][spec.name] = {"spec": asdict(spec), "state": maml.state_dict()}
+            state["rows"] += rows
+            state.pop("in_training", None)
+            save(None)  # after every group
     return models
 
 
@@ -279,6 +337,9 @@ def load_run(run_dir: Path) -> tuple[tscfg.ForecastConfig, dict[str, tuple[Group
             raise ConfigError(f"RUN_DIR {run_dir}: no {name} (train one with `fewshot forecast train PRESET --out {run_dir}`)")
     config = tscfg.load(run_dir / CONFIG_FILE)
     state = load_checkpoint(run_dir / CHECKPOINT_FILE)
+    if not state["groups"]:
+        raise ConfigError(f"RUN_DIR {run_dir}: training was interrupted before its first group was finished "
+                          f"(continue it with `fewshot forecast train PRESET --out {run_dir} --resume`)")  # fmt: skip
     models = {}
     for name, group in state["groups"].items():
         spec = GroupSpec(**group["spec"])

@@ -35,7 +35,7 @@ def test_cli_predict_anomalies_and_plot(quarterly_run, tmp_path, capsys):
     out = tmp_path / "forecast.parquet"
     assert main(["forecast", "predict", str(quarterly_run), "--input", str(source), "--output", str(out), "--horizon", "4", "--plot", str(tmp_path / "f.png")]) == 0
     frame = pd.read_parquet(out)
-    assert list(frame.columns) == ["series_id", "step", "forecast", "lower", "upper", "method", "n_filled"]
+    assert list(frame.columns) == ["series_id", "timestamp", "step", "forecast", "lower", "upper", "method", "n_filled"]
     assert len(frame) == 20 and (tmp_path / "f.png").stat().st_size > 1000
     flagged = tmp_path / "anomalies.csv"
     assert main(["forecast", "anomalies", str(quarterly_run), "--input", str(source), "--output", str(flagged), "--plot", str(tmp_path / "a.png")]) == 0
