@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -72,7 +73,13 @@ class _Writer:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        old = None
+        if self.path.is_dir():  # the Parquet dataset of an earlier run with --workers
+            old = self.path.with_name(f"{Path(self.tmp).name}.old")
+            self.path.rename(old)
         os.replace(self.tmp, self.path)
+        if old is not None:
+            shutil.rmtree(old)
 
     def abort(self) -> None:
         if self.writer is not None:

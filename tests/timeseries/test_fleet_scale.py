@@ -67,6 +67,8 @@ def test_dask_two_workers_equals_one_process(quarterly_run, tmp_path, dask_sched
     for a, b in (("f1", "f2"), ("a1", "a2")):  # b: a Parquet dataset, one part per piece that starts a series
         assert (tmp_path / f"{b}.parquet").is_dir() and pq.read_table(tmp_path / f"{a}.parquet").equals(pq.read_table(tmp_path / f"{b}.parquet"))
         pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / f"{a}.parquet"), pd.read_parquet(tmp_path / f"{b}.parquet"), check_exact=True)
+    monitor_file(quarterly_run, source, tmp_path / "f2.parquet", tmp_path / "a2.parquet")  # one process over a dataset: one file again
+    assert pq.read_table(tmp_path / "f2.parquet").equals(pq.read_table(tmp_path / "f1.parquet")) and (tmp_path / "f2.parquet").is_file()
     anomalies_file(quarterly_run, source, tmp_path / "a3.csv", chunk_rows=150, scheduler=dask_scheduler)  # CSV: one file, parts appended
     anomalies_file(quarterly_run, source, tmp_path / "a4.csv")
     assert (tmp_path / "a3.csv").read_bytes() == (tmp_path / "a4.csv").read_bytes()
