@@ -158,7 +158,7 @@ def _client(workers: int, scheduler: str | None):
     # with torch's large short-lived tensors that made every batch fault its pages in anew: 2.7x the CPU time of
     # one process for the same series (BENCHMARKS.md). glibc's default threshold keeps memory flat here.
     with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR)
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.ERROR)
     return _ClusterClient(cluster)
 
 

@@ -51,10 +51,11 @@ def test_monitor_equals_predict_plus_anomalies(quarterly_run, tmp_path, suffix):
 
 @pytest.fixture(scope="module")
 def dask_scheduler():
-    distributed = pytest.importorskip("dask.distributed")  # in the test extra; skipped only where it is not installed
     import logging
 
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR) as cluster:
+    from dask import distributed  # in the test extra
+
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.ERROR) as cluster:
         yield cluster.scheduler_address
 
 
@@ -127,6 +128,11 @@ def test_cli_monitor_and_its_bad_arguments(quarterly_run, tmp_path, capsys):
         assert main(args + [str(tmp_path / e) if e.endswith(("csv", "txt")) else e for e in extra]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+    # --workers 2: a local cluster of its own, the same tables
+    assert main(args + ["--forecast", str(tmp_path / "fw.parquet"), "--anomalies", str(tmp_path / "aw.parquet"), "--last", "3", "--workers", "2"]) == 0
+    assert "forecast and scored 20 series" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "fw.parquet"), pd.read_csv(tmp_path / "f.csv"), check_dtype=False)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "aw.parquet"), pd.read_parquet(tmp_path / "a.parquet"), check_exact=True)
     csv = tmp_path / "in.csv"
     write_long(csv, ["a"], seasonal_series(1))
     assert main(["forecast", "monitor", str(quarterly_run), "--input", str(csv), "--forecast", str(tmp_path / "x.csv"),
