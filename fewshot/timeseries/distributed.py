@@ -32,8 +32,8 @@ The plan, for one input file and the job's outputs:
 Memory per worker is that of one process (bounded by the chunk and the batch
 of series); the driver holds 8 bytes a series: each piece returns a stable
 64-bit hash of its series ids, and the driver checks at the end that no series
-id came in two pieces (its rows split into separate blocks of the file), which
-one process reports as it reads.
+id came in two pieces (its rows split into separate blocks of the file): the
+error one process raises as it reads, naming the series, and no output.
 """
 
 from __future__ import annotations
@@ -179,9 +179,23 @@ class _ClusterClient:
 
 
 def _check_each_series_once(hashes: np.ndarray, input: Path) -> None:
+    """The error one process raises if a series id came in two pieces (found again by its hash, reading the ids)."""
     hashes.sort()
-    if len(hashes) > 1 and np.any(hashes[1:] == hashes[:-1]):
+    twice = np.flatnonzero(hashes[1:] == hashes[:-1])
+    if len(twice):
         raise SeriesInputError(
-            f"--input {input}: the rows of a series are split into separate blocks of the file (in two pieces); "
+            f"series_id {_id_with_hash(input, hashes[twice[0]])!r}: its rows are split into separate blocks of the file; "
             "the rows of each series must be contiguous (sort the file by series_id)"
         )
+
+
+def _id_with_hash(input: Path, wanted: np.uint64) -> str:
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    for batch in pq.ParquetFile(input, pre_buffer=False).iter_batches(batch_size=1 << 20, columns=["series_id"]):
+        ids = batch.column(0).to_pandas().astype(str).to_numpy(dtype=object)
+        match = np.flatnonzero(pd.util.hash_array(ids) == wanted)
+        if len(match):
+            return ids[match[0]]
+    return "?"  # pragma: no cover - the hash came from this file

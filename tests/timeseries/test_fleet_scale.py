@@ -80,7 +80,7 @@ def test_dask_split_series_is_an_error(quarterly_run, tmp_path, dask_scheduler):
     values = seasonal_series(3)
     source = tmp_path / "split.parquet"
     write_long(source, ["a", "b", "a"], values)  # series a in two blocks, which land in different pieces
-    with pytest.raises(SeriesInputError, match="split into separate blocks"):
+    with pytest.raises(SeriesInputError, match="series_id 'a': its rows are split into separate blocks"):
         predict_file(quarterly_run, source, tmp_path / "o.parquet", chunk_rows=60, scheduler=dask_scheduler)
     assert not (tmp_path / "o.parquet").exists()
 
