@@ -108,8 +108,9 @@ def read_long(path: str | Path, chunk_rows: int = 500_000, batch_series: int = 4
     one piece of the file, for a distributed run: the series whose first row is
     one of rows first .. stop - 1 (0-based, file order), the last one read on
     past ``stop``, a series begun before row ``first`` left to the piece before;
-    pieces that tile the file give every series once. Raises ``SeriesInputError`` on bad input (module docstring) and
-    ``DataError`` if the file is missing.
+    pieces that tile the file give every series once. Raises
+    ``SeriesInputError`` on bad input (module docstring) and ``DataError`` if
+    the file is missing.
     """
     path = Path(path)
     if not path.is_file():
