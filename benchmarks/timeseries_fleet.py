@@ -1,13 +1,18 @@
-"""Fleet scale: series per second and peak memory of `forecast predict` / `forecast anomalies`, Parquet -> Parquet.
+"""Fleet scale: series per second and peak memory of `forecast predict` / `anomalies` / `monitor`, Parquet -> Parquet.
 
 Synthetic but realistic monthly series (level, trend, multiplicative yearly
 seasonality, noise; 60 to 144 values each) are written in long format, then
-forecast (or scored) by a trained run in a separate process, so the peak
-resident memory reported is that of the forecasting process alone.
+forecast and/or scored by a trained run in a separate process (or, with
+``--workers N``, on a local Dask cluster of N worker processes), so the memory
+reported is that of the forecasting processes alone: the peak of the summed
+resident memory of this process and its children (Dask's nannies and workers),
+sampled every 0.2 s, and the peak of each process. ``--trace FILE`` writes the
+sampled total over time (CSV), to see whether it stays flat.
 
     PYTHONPATH=. python benchmarks/timeseries_fleet.py generate 10000 /tmp/fleet10k.parquet
     PYTHONPATH=. python benchmarks/timeseries_fleet.py predict runs/m1m3-pooled /tmp/fleet10k.parquet /tmp/out.parquet
     PYTHONPATH=. python benchmarks/timeseries_fleet.py anomalies runs/m1m3-pooled /tmp/fleet10k.parquet /tmp/out.parquet
+    PYTHONPATH=. python benchmarks/timeseries_fleet.py monitor runs/m1m3-fleet /tmp/fleet10k.parquet /tmp/f.parquet /tmp/a.parquet [--workers 2]
     PYTHONPATH=. python benchmarks/timeseries_fleet.py vmap runs/m1m3-pooled 512     # batched vs per-series adaptation
 """
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import threading
 import time
 
 import numpy as np
@@ -66,11 +72,41 @@ def vmap_speed(run_dir: str, n: int) -> None:
     print(f"batched {n / batched:.0f} series/s, loop {n / looped:.0f} series/s: vmap {looped / batched:.1f}x faster")
 
 
+class MemorySampler(threading.Thread):
+    """Samples the resident memory of this process and its children every ``period`` s: peak total, peak per process."""
+
+    def __init__(self, period: float = 0.2):
+        super().__init__(daemon=True)
+        import psutil
+
+        self.me, self.period, self.stop = psutil.Process(), period, threading.Event()
+        self.peak_total, self.peak_each, self.cpu_each, self.trace, self.start_time = 0, {}, {}, [], time.time()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            total = 0
+            for process in [self.me] + self.me.children(recursive=True):
+                try:
+                    rss = process.memory_info().rss
+                    cpu = process.cpu_times()
+                    self.cpu_each[process.pid] = cpu.user + cpu.system
+                except Exception:  # exited between listing and reading
+                    continue
+                total += rss
+                self.peak_each[process.pid] = max(self.peak_each.get(process.pid, 0), rss)
+            self.peak_total = max(self.peak_total, total)
+            self.trace.append((round(time.time() - self.start_time, 1), total >> 20))
+            self.stop.wait(self.period)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["generate", "predict", "anomalies", "vmap"])
+    parser.add_argument("mode", choices=["generate", "predict", "anomalies", "monitor", "vmap"])
     parser.add_argument("args", nargs="+")
     parser.add_argument("--batch-series", type=int, default=4096)
+    parser.add_argument("--workers", type=int, default=0, help="Dask local worker processes (0: this process)")
+    parser.add_argument("--frequency", default="monthly")
+    parser.add_argument("--trace", help="write the sampled total resident memory over time to this CSV")
     args = parser.parse_args()
     if args.mode == "generate":
         generate(int(args.args[0]), args.args[1])
@@ -78,16 +114,32 @@ def main() -> None:
     if args.mode == "vmap":
         vmap_speed(args.args[0], int(args.args[1]))
         return
-    from fewshot.timeseries.fleet import anomalies_file, predict_file
+    import torch
 
-    run_dir, source, output = args.args
-    run = predict_file if args.mode == "predict" else anomalies_file
+    from fewshot.timeseries.fleet import anomalies_file, monitor_file, predict_file
+
+    sampler = MemorySampler()
+    sampler.start()
     start = time.time()
-    stats = run(run_dir, source, output, frequency="monthly", batch_series=args.batch_series)
+    common = {"frequency": args.frequency, "batch_series": args.batch_series, "workers": args.workers}
+    if args.mode == "monitor":
+        run_dir, source, forecasts, scores = args.args
+        stats = monitor_file(run_dir, source, forecasts, scores, **common)
+    else:
+        run_dir, source, output = args.args
+        stats = (predict_file if args.mode == "predict" else anomalies_file)(run_dir, source, output, **common)
     seconds = time.time() - start
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"{args.mode}: {stats['series']} series in {seconds:.1f} s = {stats['series'] / seconds:.0f} series/s, "
-          f"peak RSS {peak_mib:.0f} MiB, 2,000,000 series: {2e6 / (stats['series'] / seconds) / 60:.1f} min")  # fmt: skip
+    sampler.stop.set()
+    sampler.join()
+    own_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    threads = f"{args.workers} Dask workers x {stats.get('worker_threads')} torch thread(s)" if args.workers else f"{torch.get_num_threads()} torch thread(s)"
+    each = sorted((v >> 20 for v in sampler.peak_each.values()), reverse=True)
+    print(f"{args.mode}: {stats['series']} series in {seconds:.1f} s = {stats['series'] / seconds:.0f} series/s ({threads}), "
+          f"peak RSS total {sampler.peak_total / 2**20:.0f} MiB (this process {own_mib:.0f} MiB; per process {each} MiB), "
+          f"CPU {sum(sampler.cpu_each.values()):.0f} s, {stats['flagged']} flagged, 2,000,000 series: {2e6 / (stats['series'] / seconds) / 60:.1f} min")  # fmt: skip
+    if args.trace:
+        with open(args.trace, "w") as out:
+            out.write("seconds,rss_total_mib\n" + "".join(f"{t},{m}\n" for t, m in sampler.trace))
 
 
 if __name__ == "__main__":

@@ -11,5 +11,6 @@ Modules: ``data`` (competition data and long-format CSV/Parquet readers),
 (the model, meta-training, batched adaptation and forecasting), ``accuracy``
 (sMAPE, MASE, seasonal naive), ``anomalies`` (scores, injected anomalies,
 detection metrics), ``timestamps`` (the forecasts' timestamps), ``fleet`` (streaming
-Parquet -> Parquet), ``cli``.
+Parquet -> Parquet: predict, anomalies, both in one pass), ``distributed`` (the same
+jobs on Dask), ``cli``.
 """

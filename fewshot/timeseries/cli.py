@@ -3,6 +3,7 @@
     fewshot forecast train PRESET [--out RUN_DIR] [--set key=value] [--resume]
     fewshot forecast predict RUN_DIR --input FILE --output FILE [--horizon H] [--frequency F] [--plot PNG]
     fewshot forecast anomalies RUN_DIR --input FILE --output FILE [--last N] [--frequency F] [--plot PNG]
+    fewshot forecast monitor RUN_DIR --input FILE --forecast FILE --anomalies FILE [--horizon H] [--last N] [--workers W]
     fewshot forecast presets
 
 Exit status: 0 done, 1 training diverged, 2 bad input (one line naming the argument),
@@ -47,7 +48,28 @@ def add_parser(sub) -> None:
             command.add_argument("--horizon", type=int, help="values to forecast (default and maximum: the model's horizon)")
         else:
             command.add_argument("--last", type=int, help="score the last N values of each series (default: the model's horizon)")
+        _add_engine_arguments(command)
+    _add_monitor_parser(commands)
     commands.add_parser("presets", help="list forecasting presets and config keys")
+
+
+def _add_engine_arguments(command) -> None:
+    command.add_argument("--workers", type=int, default=0, help="run on Dask with this many local worker processes (Parquet input; default 0: this process)")
+    command.add_argument("--scheduler", metavar="ADDRESS", help="run on the Dask cluster at this scheduler address (Parquet input, a file system all workers see)")
+
+
+def _add_monitor_parser(commands) -> None:
+    monitor = commands.add_parser("monitor", help="forecast every series and score its last values, in one pass")
+    monitor.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    monitor.add_argument("--input", type=Path, required=True, help="long-format .csv or .parquet: series_id, timestamp, value")
+    monitor.add_argument("--forecast", type=Path, required=True, help=".csv or .parquet to write the forecasts to (the output of `predict`)")
+    monitor.add_argument("--anomalies", type=Path, required=True, help=".csv or .parquet to write the scores to (the output of `anomalies`)")
+    monitor.add_argument("--horizon", type=int, help="values to forecast (default and maximum: the model's horizon)")
+    monitor.add_argument("--last", type=int, help="score the last N values of each series (default: the model's horizon)")
+    monitor.add_argument("--frequency", choices=FREQUENCIES, help="the frequency of every series (default: detect each series' seasonal period)")
+    monitor.add_argument("--steps", type=int, help="adaptation steps (default: the run's adapt_steps)")
+    monitor.add_argument("--batch-series", type=int, default=4096, help="series adapted together (memory scales with it)")
+    _add_engine_arguments(monitor)
 
 
 def run(args) -> int:
@@ -78,7 +100,7 @@ def _train(args) -> int:
 
 
 def _check_positive(name: str, value) -> None:
-    minimum = 0 if name == "steps" else 1
+    minimum = 0 if name in ("steps", "workers") else 1
     if value is not None and value < minimum:
         raise ConfigError(f"--{name} {value}: must be an integer >= {minimum}")
 
@@ -86,10 +108,10 @@ def _check_positive(name: str, value) -> None:
 def _predict(args) -> int:
     from fewshot.timeseries.fleet import predict_file
 
-    for name in ("horizon", "steps", "batch_series"):
+    for name in ("horizon", "steps", "batch_series", "workers"):
         _check_positive(name.replace("_", "-"), getattr(args, name))
     stats = predict_file(args.run_dir, args.input, args.output, horizon=args.horizon, frequency=args.frequency,
-                         steps=args.steps, batch_series=args.batch_series, plot=args.plot)  # fmt: skip
+                         steps=args.steps, batch_series=args.batch_series, plot=args.plot, **_engine(args))  # fmt: skip
     print(f"forecast {stats['series']} series in {stats['seconds']:.1f} s: {args.output}")
     return 0
 
@@ -97,12 +119,30 @@ def _predict(args) -> int:
 def _anomalies(args) -> int:
     from fewshot.timeseries.fleet import anomalies_file
 
-    for name in ("last", "steps", "batch_series"):
+    for name in ("last", "steps", "batch_series", "workers"):
         _check_positive(name.replace("_", "-"), getattr(args, name))
     stats = anomalies_file(args.run_dir, args.input, args.output, last=args.last, frequency=args.frequency,
-                           steps=args.steps, batch_series=args.batch_series, plot=args.plot)  # fmt: skip
+                           steps=args.steps, batch_series=args.batch_series, plot=args.plot, **_engine(args))  # fmt: skip
     print(f"scored {stats['series']} series in {stats['seconds']:.1f} s, {stats['flagged']} values flagged: {args.output}")
     return 0
+
+
+def _monitor(args) -> int:
+    from fewshot.timeseries.fleet import monitor_file
+
+    for name in ("horizon", "last", "steps", "batch_series", "workers"):
+        _check_positive(name.replace("_", "-"), getattr(args, name))
+    stats = monitor_file(args.run_dir, args.input, args.forecast, args.anomalies, horizon=args.horizon, last=args.last,
+                         frequency=args.frequency, steps=args.steps, batch_series=args.batch_series, **_engine(args))  # fmt: skip
+    print(f"forecast and scored {stats['series']} series in {stats['seconds']:.1f} s, {stats['flagged']} values flagged: "
+          f"{args.forecast}, {args.anomalies}")  # fmt: skip
+    return 0
+
+
+def _engine(args) -> dict:
+    if args.workers and args.scheduler:
+        raise ConfigError(f"--workers {args.workers} --scheduler {args.scheduler}: give one of them (local workers, or a running cluster)")
+    return {"workers": args.workers, "scheduler": args.scheduler}
 
 
 def _presets(args) -> int:
@@ -110,4 +150,4 @@ def _presets(args) -> int:
     return 0
 
 
-_COMMANDS = {"train": _train, "predict": _predict, "anomalies": _anomalies, "presets": _presets}
+_COMMANDS = {"train": _train, "predict": _predict, "anomalies": _anomalies, "monitor": _monitor, "presets": _presets}

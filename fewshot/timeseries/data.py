@@ -100,38 +100,76 @@ class SeriesBlock:
     n_filled: np.ndarray  # (B,) values filled by interpolation; -1: the series had no value
 
 
-def read_long(path: str | Path, chunk_rows: int = 500_000, batch_series: int = 4096) -> Iterator[SeriesBlock]:
+def read_long(path: str | Path, chunk_rows: int = 500_000, batch_series: int = 4096, rows: tuple[int, int] | None = None) -> Iterator[SeriesBlock]:
     """Batches of at most ``batch_series`` complete series from a long-format CSV or Parquet file.
 
     Reads ``chunk_rows`` rows at a time; a series cut by a chunk boundary is
-    carried over to the next chunk. Raises ``SeriesInputError`` on bad input
-    (module docstring) and ``DataError`` if the file is missing.
+    carried over to the next chunk. ``rows=(first, stop)`` (Parquet only) reads
+    one piece of the file, for a distributed run: the series whose first row is
+    one of rows first .. stop - 1 (0-based, file order), the last one read on
+    past ``stop``, a series begun before row ``first`` left to the piece before;
+    pieces that tile the file give every series once. Raises
+    ``SeriesInputError`` on bad input (module docstring) and ``DataError`` if
+    the file is missing.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"--input {path}: no such file")
     if chunk_rows < 1 or batch_series < 1:
         raise SeriesInputError(f"chunk_rows and batch_series must be >= 1, got {chunk_rows} and {batch_series}")
+    first_group, drop, stop_row, skip_id = _piece(path, rows)
     pending: list[tuple[str, np.ndarray, np.ndarray]] = []
     seen = _SeenIds()
     carry = None  # rows of the last, possibly unfinished series of the previous chunk
-    for frame in _chunks(path, chunk_rows):
+    offset = 0  # rows of the piece before the first row of ``ids`` (the carried rows included)
+    for frame in _chunks(path, chunk_rows, first_group):
+        if drop:  # the rows of the first row group before the piece
+            frame, drop = frame.iloc[drop:], max(0, drop - len(frame))
+            if not len(frame):
+                continue
         ids, stamps, values = _columns(frame, path)
         if carry is not None:
             ids, stamps, values = (np.concatenate([c, x]) for c, x in zip(carry, (ids, stamps, values)))
         starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
         ends = np.r_[starts[1:], len(ids)]
-        last = starts[-1]
-        carry = (ids[last:], stamps[last:], values[last:])
-        for start, end in zip(starts[:-1], ends[:-1]):
+        in_piece = int(np.sum(offset + starts < stop_row))
+        done = in_piece < len(starts)  # a series starts after the piece: the ones before it are complete
+        for start, end in zip(starts[:in_piece] if done else starts[:-1], ends):
+            if offset + start == 0 and ids[start] == skip_id:
+                continue  # begun in the piece before
             pending.append(_one_series(ids[start], stamps[start:end], values[start:end], seen))
             if len(pending) == batch_series:
                 yield _block(pending)
                 pending = []
-    if carry is not None and len(carry[0]):
+        if done:
+            carry = None
+            break
+        last = starts[-1]
+        carry = (ids[last:], stamps[last:], values[last:])
+        offset += last
+    if carry is not None and len(carry[0]) and not (offset == 0 and carry[0][0] == skip_id):
         pending.append(_one_series(carry[0][0], carry[1], carry[2], seen))
     if pending:
         yield _block(pending)
+
+
+def _piece(path: Path, rows: tuple[int, int] | None) -> tuple[int, int, int, str | None]:
+    """(first row group to read, rows of it before the piece, rows in the piece, id of the series running into the piece)."""
+    if rows is None:
+        return 0, 0, np.iinfo(np.int64).max, None
+    if path.suffix.lower() != ".parquet":
+        raise SeriesInputError(f"--input {path}: reading a piece of the file needs Parquet input, got {path.suffix or 'no suffix'!r}")
+    import pyarrow.parquet as pq
+
+    file = pq.ParquetFile(path, pre_buffer=False)
+    group_starts = np.cumsum([0] + [file.metadata.row_group(i).num_rows for i in range(file.metadata.num_row_groups)])
+    first, stop = rows
+    group = int(np.searchsorted(group_starts, first, side="right")) - 1
+    if first == 0:
+        return group, 0, stop - first, None
+    before = int(np.searchsorted(group_starts, first - 1, side="right")) - 1  # the row group of row first - 1
+    ids = file.read_row_group(before, columns=["series_id"]).column(0)
+    return group, first - int(group_starts[group]), stop - first, str(ids[first - 1 - int(group_starts[before])].as_py())
 
 
 class _SeenIds:
@@ -161,16 +199,19 @@ class _SeenIds:
         self.recent = set()
 
 
-def _chunks(path: Path, chunk_rows: int):
+def _chunks(path: Path, chunk_rows: int, first_row_group: int = 0):
     import pandas as pd
 
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        file = pq.ParquetFile(path)
+        # pre_buffer=False: with pre-buffering (the default) the reader keeps every row group's bytes
+        # it has read until it is closed, so memory grew with the file (apache/arrow#39808; BENCHMARKS.md)
+        file = pq.ParquetFile(path, pre_buffer=False)
         _require_columns(file.schema_arrow.names, path)
-        for batch in file.iter_batches(batch_size=chunk_rows, columns=list(COLUMNS)):
+        groups = range(first_row_group, file.metadata.num_row_groups)
+        for batch in file.iter_batches(batch_size=chunk_rows, columns=list(COLUMNS), row_groups=groups):
             yield batch.to_pandas()
     elif suffix in (".csv", ".gz", ".txt"):
         with pd.read_csv(path, chunksize=chunk_rows, dtype={"series_id": str}, float_precision="round_trip") as reader:
