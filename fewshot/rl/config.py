@@ -35,7 +35,7 @@ class RLConfig:
     iterations: int = _f(300, "meta-iterations (2D navigation: about 40 minutes on 2 CPU cores, BENCHMARKS.md)", min=1)
     seed: int = _f(0, "seed of the initial policy, the training tasks and the action noise", min=0)
     checkpoint_every: int = _f(10, "meta-iterations between checkpoints", min=1)
-    n_test_tasks: int = _f(40, "fixed evaluation tasks (the same for every run of a task family)", min=1)
+    n_test_tasks: int = _f(40, "fixed evaluation tasks, the same for every run of a task family (2D navigation: the goals of the authors' test script, those of the paper's Table 4)", min=1)
     eval_steps: int = _f(3, "evaluate the return after 0..eval_steps policy-gradient steps", min=0)
     eval_trajectories: int = _f(40, "trajectories per task before each evaluation step (the authors' test script, maml_examples/test_maml_point.py: 4,000 steps = 40 trajectories of 100)", min=2)
     eval_later_lr_scale: float = _f(0.5, "evaluation steps after the first have step size inner_lr times this (the authors' test script: 0.5; 1.0: every step inner_lr)", min=0.0)

@@ -44,6 +44,13 @@ def nav_sample_tasks(n: int, seed: int) -> list[dict]:
     return [{"goal": g} for g in goals]
 
 
+def nav_test_tasks(n: int) -> list[dict]:
+    """The goals of the authors' evaluation (cbfinn/maml_rl, maml_examples/test_maml_point.py: 40 goals
+    drawn by ``np.random.seed(1); np.random.uniform(-0.5, 0.5, size=(40, 2))``), the first ``n`` (more continue the stream)."""
+    goals = np.random.RandomState(1).uniform(-0.5, 0.5, size=(n, 2))
+    return [{"goal": g} for g in goals]
+
+
 class Navigation2DEnv(gym.Env):
     """A point agent in the plane moves towards an unseen goal (Finn et al. 2017, section 5.3).
 

@@ -21,12 +21,15 @@ from fewshot.rl import envs, maml_rl
 from fewshot.rl.config import RLConfig
 from fewshot.rl.train import build_policy, load_run
 
-TEST_TASKS_SEED = 20_170_703  # fixed: the same test tasks for every run of a task family
+TEST_TASKS_SEED = 20_170_703  # fixed: the same test tasks (locomotion) and trajectory noise for every run of a task family
 EVAL_JSON = "eval.json"
 RANDOM = "random init"
 
 
 def test_tasks(config: RLConfig) -> list[dict]:
+    """2D navigation: the authors' 40 test goals (those of the paper's Table 4); locomotion: seeded tasks."""
+    if config.env == "nav2d":
+        return envs.nav_test_tasks(config.n_test_tasks)
     return envs.sample_tasks(config.env, config.n_test_tasks, TEST_TASKS_SEED)
 
 

@@ -10,7 +10,7 @@ gymnasium = pytest.importorskip("gymnasium")
 from gymnasium.utils.env_checker import check_env  # noqa: E402
 
 from fewshot.cli import main  # noqa: E402
-from fewshot.rl import envs, maml_rl, rollouts  # noqa: E402
+from fewshot.rl import envs, evaluate, maml_rl, rollouts  # noqa: E402
 from fewshot.rl.config import RLConfig  # noqa: E402
 from fewshot.rl.train import build_policy, load_run  # noqa: E402
 
@@ -44,6 +44,14 @@ def test_navigation_tasks_are_seeded_goals_in_the_unit_square():
     goals = np.stack([t["goal"] for t in a])
     assert np.array_equal(goals, np.stack([t["goal"] for t in b]))
     assert goals.min() >= -0.5 and goals.max() <= 0.5 and goals.std() > 0.2
+
+
+def test_navigation_test_goals_are_the_authors():
+    """cbfinn/maml_rl test_maml_point.py: np.random.seed(1); uniform(-0.5, 0.5, (40, 2)); np.random.seed(1); rand() = 0.417022..."""
+    goals = np.stack([t["goal"] for t in evaluate.test_tasks(RLConfig())])
+    assert goals.shape == (40, 2) and np.all(np.abs(goals) <= 0.5)
+    np.testing.assert_allclose(goals[0], [0.417022004702574 - 0.5, 0.7203244934421581 - 0.5])
+    np.testing.assert_array_equal(np.stack([t["goal"] for t in envs.nav_test_tasks(3)]), goals[:3])
 
 
 def test_batched_navigation_equals_the_gymnasium_env_step_by_step():
