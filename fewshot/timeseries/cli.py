@@ -99,17 +99,18 @@ def _train(args) -> int:
     return 0
 
 
-def _check_positive(name: str, value) -> None:
-    minimum = 0 if name in ("steps", "workers") else 1
-    if value is not None and value < minimum:
-        raise ConfigError(f"--{name} {value}: must be an integer >= {minimum}")
+def _check_counts(args, *names: str) -> None:
+    """--steps and --workers may be 0, the other counts must be positive; unset flags are skipped."""
+    for name in names:
+        value, minimum = getattr(args, name), 0 if name in ("steps", "workers") else 1
+        if value is not None and value < minimum:
+            raise ConfigError(f"--{name.replace('_', '-')} {value}: must be an integer >= {minimum}")
 
 
 def _predict(args) -> int:
     from fewshot.timeseries.fleet import predict_file
 
-    for name in ("horizon", "steps", "batch_series", "workers"):
-        _check_positive(name.replace("_", "-"), getattr(args, name))
+    _check_counts(args, "horizon", "steps", "batch_series", "workers")
     stats = predict_file(args.run_dir, args.input, args.output, horizon=args.horizon, frequency=args.frequency,
                          steps=args.steps, batch_series=args.batch_series, plot=args.plot, **_engine(args))  # fmt: skip
     print(f"forecast {stats['series']} series in {stats['seconds']:.1f} s: {args.output}")
@@ -119,8 +120,7 @@ def _predict(args) -> int:
 def _anomalies(args) -> int:
     from fewshot.timeseries.fleet import anomalies_file
 
-    for name in ("last", "steps", "batch_series", "workers"):
-        _check_positive(name.replace("_", "-"), getattr(args, name))
+    _check_counts(args, "last", "steps", "batch_series", "workers")
     stats = anomalies_file(args.run_dir, args.input, args.output, last=args.last, frequency=args.frequency,
                            steps=args.steps, batch_series=args.batch_series, plot=args.plot, **_engine(args))  # fmt: skip
     print(f"scored {stats['series']} series in {stats['seconds']:.1f} s, {stats['flagged']} values flagged: {args.output}")
@@ -130,8 +130,7 @@ def _anomalies(args) -> int:
 def _monitor(args) -> int:
     from fewshot.timeseries.fleet import monitor_file
 
-    for name in ("horizon", "last", "steps", "batch_series", "workers"):
-        _check_positive(name.replace("_", "-"), getattr(args, name))
+    _check_counts(args, "horizon", "last", "steps", "batch_series", "workers")
     stats = monitor_file(args.run_dir, args.input, args.forecast, args.anomalies, horizon=args.horizon, last=args.last,
                          frequency=args.frequency, steps=args.steps, batch_series=args.batch_series, **_engine(args))  # fmt: skip
     print(f"forecast and scored {stats['series']} series in {stats['seconds']:.1f} s, {stats['flagged']} values flagged: "
