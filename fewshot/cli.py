@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args) -> int:
-    from fewshot.train import TrainingDiverged, TrainingInterrupted, prepare_run_dir, rank_and_world, train
+    from fewshot.train import prepare_run_dir, rank_and_world, train, training_exit_status
 
     from fewshot.device import resolve_device
 
@@ -85,14 +85,11 @@ def _train(args) -> int:
     explicit = {a.partition("=")[0] for a in args.set + flags}
     run_dir = args.out or Path("runs") / args.preset
     config, resume = prepare_run_dir(run_dir, config, args.resume, {k: getattr(config, k) for k in explicit})
-    try:
-        train(run_dir, config, resume=resume, progress=not args.no_progress, **on_device)
-    except TrainingInterrupted as e:
-        print(f"fewshot train: {e}", file=sys.stderr)
-        return 130
-    except TrainingDiverged as e:
-        print(f"fewshot train: error: {e}", file=sys.stderr)
-        return 1
+    stopped = training_exit_status(
+        "fewshot train", lambda: train(run_dir, config, resume=resume, progress=not args.no_progress, **on_device)
+    )
+    if stopped is not None:
+        return stopped
     if rank_and_world()[0] == 0:
         print(f"trained {args.preset} for {config.iterations} iterations: {run_dir}")
     return 0

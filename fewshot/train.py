@@ -21,6 +21,7 @@ import csv
 import io
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -45,6 +46,23 @@ class TrainingInterrupted(Exception):
 
 class TrainingDiverged(Exception):
     """A non-finite loss or gradient; the message names the iteration and the kept checkpoint."""
+
+
+def training_exit_status(command: str, run) -> int | None:
+    """Call ``run()``; the CLI's exit status if training stopped early, else None.
+
+    130 for Ctrl-C (a checkpoint was written), 1 for a diverged run; the
+    message goes to stderr prefixed by ``command`` (e.g. ``"fewshot train"``).
+    """
+    try:
+        run()
+    except TrainingInterrupted as e:
+        print(f"{command}: {e}", file=sys.stderr)
+        return 130
+    except TrainingDiverged as e:
+        print(f"{command}: error: {e}", file=sys.stderr)
+        return 1
+    return None
 
 
 def read_run(run_dir: Path, cls=Config) -> tuple:

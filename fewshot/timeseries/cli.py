@@ -82,19 +82,14 @@ def run(args) -> int:
 
 def _train(args) -> int:
     from fewshot.timeseries.forecaster import train_run
-    from fewshot.train import TrainingDiverged, TrainingInterrupted, prepare_run_dir
+    from fewshot.train import prepare_run_dir, training_exit_status
 
     config = tscfg.with_overrides(tscfg.preset(args.preset), args.set)
     run_dir = args.out or Path("runs") / args.preset
     config, resume = prepare_run_dir(run_dir, config, args.resume, dataclasses.asdict(config), extendable=())
-    try:
-        train_run(run_dir, config, resume=resume)
-    except TrainingDiverged as e:
-        print(f"fewshot forecast train: error: {e}", file=sys.stderr)
-        return 1
-    except TrainingInterrupted as e:
-        print(f"fewshot forecast train: {e}", file=sys.stderr)
-        return 130
+    stopped = training_exit_status("fewshot forecast train", lambda: train_run(run_dir, config, resume=resume))
+    if stopped is not None:
+        return stopped
     print(f"trained {args.preset}: {run_dir}")
     return 0
 
