@@ -106,8 +106,9 @@ def _classification_presets() -> dict[str, dict]:
         # the metric-learning baselines on the same episodes (no inner loop: one forward pass)
         presets[name.replace("-maml", "-protonet")] = {**presets[name], "method": "protonet"}
         presets[name.replace("-maml", "-matchingnet")] = {**presets[name], "method": "matchingnet"}
-        # an ordinary classifier over all meta-train classes, then fine-tuned (SGD, lr 0.1: not tuned yet) or nearest neighbour
-        presets[name.replace("-maml", "-finetune")] = {**presets[name], "method": "finetune", "inner_lr": 0.1}
+        # an ordinary classifier over all meta-train classes, then fine-tuned by SGD (step size picked on the
+        # meta-validation episodes from pretrained_classifier.STEP_SIZE_GRID; inner_lr is the untuned value) or nearest neighbour
+        presets[name.replace("-maml", "-finetune")] = {**presets[name], "method": "finetune", "inner_lr": 0.1, "tune_inner_lr": True}
         presets[name.replace("-maml", "-nearest")] = {**presets[name], "method": "nearest"}
     return presets
 

@@ -139,8 +139,12 @@ def validation_metric(method: nn.Module, config: Config, batches: list[TaskBatch
 
 def prepare_for_evaluation(method: nn.Module, config: Config) -> dict:
     """Anything a method settles on meta-validation data before meta-test; returns what it chose."""
-    if isinstance(method, Pretrained) and config.tune_inner_lr:
+    if not config.tune_inner_lr:
+        return {}
+    if isinstance(method, Pretrained):
         (val,) = validation_tasks(config)
-        val = val.to(device_of(method))
+        return {"finetune_lr": method.tune_step_size(val.to(device_of(method)), config.eval_steps)}
+    if isinstance(method, PretrainedClassifier) and method.evaluation == "finetune":
+        val = [b.to(device_of(method)) for b in validation_tasks(config)]
         return {"finetune_lr": method.tune_step_size(val, config.eval_steps)}
     return {}

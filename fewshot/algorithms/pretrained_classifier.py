@@ -19,6 +19,9 @@ from torch import Tensor, nn
 from fewshot.algorithms.maml import MAML
 from fewshot.tasks.base import TaskBatch
 
+# Fine-tuning step sizes tried on the meta-validation episodes (``tune_step_size``).
+STEP_SIZE_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
+
 
 class PretrainedClassifier(nn.Module):
     """features -> Linear(all meta-train classes); evaluated by fine-tuning or nearest neighbour."""
@@ -48,6 +51,24 @@ class PretrainedClassifier(nn.Module):
             with torch.no_grad():
                 return [self._nearest_neighbour_scores(tasks)] * (max_steps + 1)
         return self._finetuner().adaptation_curve(tasks, max_steps)
+
+    def tune_step_size(self, batches: Sequence[TaskBatch], steps: int, grid: tuple[float, ...] = STEP_SIZE_GRID) -> float:
+        """Set the fine-tuning step size to the grid value with the best query accuracy after ``steps`` steps.
+
+        ``batches`` are meta-validation episodes; ties go to the smaller step size.
+        """
+        if self.evaluation != "finetune":
+            raise ValueError(f"only the fine-tuning evaluation has a step size, not {self.evaluation!r}")
+
+        def accuracy_after(lr: float) -> float:
+            self.finetune_lr = lr
+            with torch.no_grad():
+                hits = [(self.adaptation_curve(b, steps)[-1].argmax(-1) == b.query_y).float().flatten() for b in batches]
+            return torch.cat(hits).mean().item()
+
+        accuracies = {lr: accuracy_after(lr) for lr in grid}
+        self.finetune_lr = max(grid, key=lambda lr: (accuracies[lr], -lr))
+        return self.finetune_lr
 
     def _finetuner(self) -> MAML:
         """Pre-trained features with a fresh, zero N-way head, fine-tuned by MAML's inner loop (SGD)."""

@@ -51,6 +51,10 @@ def test_baseline_beats_chance_on_omniglot(method, overrides, floor, tmp_path, s
     result = evaluate(train(tmp_path / method, config, progress=False), config)
     assert result["metric"] == "accuracy" and result["n_tasks"] == 100
     assert result["mean"] > floor
+    if method == "finetune":  # the preset picks its step size on the validation episodes
+        from fewshot.algorithms.pretrained_classifier import STEP_SIZE_GRID
+
+        assert result["finetune_lr"] in STEP_SIZE_GRID
 
 
 def test_an_episode_is_scored_alone():
@@ -66,3 +70,22 @@ def test_an_episode_is_scored_alone():
     together = net.adaptation_curve(batch, 0)[0][0]
     alone = net.adaptation_curve(TaskBatch(*(t[:1] for t in batch[:4])), 0)[0][0]
     assert torch.allclose(together, alone, atol=1e-6)
+
+
+def test_finetune_step_size_is_picked_by_validation_accuracy_ties_to_the_smaller():
+    from fewshot.algorithms.pretrained_classifier import PretrainedClassifier
+    from fewshot.tasks.base import TaskBatch
+
+    # Identity features on 2-d points: class c sits at 3 * e_c, so one SGD step on the zero head separates them.
+    torch.manual_seed(0)
+    centres = 3 * torch.eye(2)
+    support_y, query_y = torch.arange(2).expand(4, 2), torch.arange(2).repeat(5).expand(4, 10)
+    batch = TaskBatch(centres[support_y] + 0.1 * torch.randn(4, 2, 2), support_y,
+                      centres[query_y] + 0.1 * torch.randn(4, 10, 2), query_y)  # fmt: skip
+    classifier = PretrainedClassifier(torch.nn.Identity(), 2, [0, 1], n_way=2, finetune_lr=0.5)
+    # lr 0 leaves the zero head: every logit ties, argmax says class 0, half right. 1.0 and 2.0 both get all right.
+    assert classifier.tune_step_size([batch], steps=1, grid=(0.0, 2.0, 1.0)) == 1.0
+    assert classifier.finetune_lr == 1.0
+    assert classifier.tune_step_size([batch], steps=1, grid=(0.0,)) == 0.0
+    with pytest.raises(ValueError, match="fine-tuning"):
+        PretrainedClassifier(torch.nn.Identity(), 2, [0, 1], n_way=2, evaluation="nearest").tune_step_size([batch], 1)
