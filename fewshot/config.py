@@ -107,7 +107,7 @@ def _classification_presets() -> dict[str, dict]:
         presets[name.replace("-maml", "-protonet")] = {**presets[name], "method": "protonet"}
         presets[name.replace("-maml", "-matchingnet")] = {**presets[name], "method": "matchingnet"}
         # an ordinary classifier over all meta-train classes, then fine-tuned by SGD (step size picked on the
-        # meta-validation episodes from pretrained_classifier.STEP_SIZE_GRID; inner_lr is the untuned value) or nearest neighbour
+        # meta-validation episodes from pretrained_classifier.STEP_SIZE_GRID, 0.001-1.0; inner_lr is the untuned value) or nearest neighbour
         presets[name.replace("-maml", "-finetune")] = {**presets[name], "method": "finetune", "inner_lr": 0.1, "tune_inner_lr": True}
         presets[name.replace("-maml", "-nearest")] = {**presets[name], "method": "nearest"}
     return presets

@@ -20,7 +20,7 @@ from fewshot.algorithms.maml import MAML
 from fewshot.tasks.base import TaskBatch
 
 # Fine-tuning step sizes tried on the meta-validation episodes (``tune_step_size``).
-STEP_SIZE_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
+STEP_SIZE_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 
 
 class PretrainedClassifier(nn.Module):
