@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="evaluate runs on the fixed meta-test tasks")
     evaluate.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object per run instead of the table")
+    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                          help=f"override an evaluation key of the runs' configs: {', '.join(cfg.EVALUATION_KEYS)}")  # fmt: skip
 
     plot = sub.add_parser("plot", help="draw the paper's Figures 2 and 3 for one or more runs")
     plot.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
@@ -95,16 +97,21 @@ def _train(args) -> int:
     return 0
 
 
-def _evaluated_runs(run_dirs: list[Path], device: str = "cpu") -> dict[str, tuple]:
-    """name -> (config, method, result) for every run, results saved into each run directory."""
+def _evaluated_runs(run_dirs: list[Path], device: str = "cpu", overrides: list[str] = ()) -> dict[str, tuple]:
+    """name -> (config, method, result) for every run, results saved into each run directory.
+
+    ``overrides`` (KEY=VALUE) may change only ``cfg.EVALUATION_KEYS`` of each run's config.
+    """
     from fewshot import evaluate
     from fewshot.device import resolve_device
     from fewshot.train import load_run
 
     resolve_device(device)  # a bad --device is reported before any run is read
+    cfg.check_evaluation_overrides(overrides)
     runs = {}
     for run_dir in run_dirs:
         config, method, state = load_run(run_dir, device)
+        config = cfg.with_overrides(config, overrides)
         result = evaluate.evaluate(method, config)
         evaluate.save(result, run_dir, state["iteration"])
         name = run_dir.name if run_dir.name and run_dir.name not in runs else str(run_dir)
@@ -114,10 +121,12 @@ def _evaluated_runs(run_dirs: list[Path], device: str = "cpu") -> dict[str, tupl
 
 def _eval(args) -> int:
     if rl_cli.is_rl(args.run_dirs):
+        if args.set:
+            raise cfg.ConfigError("--set: meta-RL runs have no evaluation keys to override")
         return rl_cli.evaluate(args)
     from fewshot.evaluate import markdown_table
 
-    results = {name: result for name, (_, _, result) in _evaluated_runs(args.run_dirs, args.device).items()}
+    results = {name: result for name, (_, _, result) in _evaluated_runs(args.run_dirs, args.device, args.set).items()}
     if args.json:
         for result in results.values():
             print(json.dumps(result))

@@ -66,6 +66,7 @@ class Config:
     n_test_tasks: int = _f(600, "fixed meta-test tasks (the same for every method and run)", min=1)
     eval_shots: tuple[int, ...] = _f((5, 10, 20), "K values evaluated at meta-test (sinusoid)", min=1, max=20)
     eval_steps: int = _f(10, "evaluate after 0..eval_steps inner steps", min=0)
+    eval_query_batch: int = _f(0, "classification: queries scored per forward pass at validation and test, the same number of every class (batch norm normalises each such batch with its own statistics); 0: n_way x n_query, the query-set size at meta-training, as the authors' code scores its test tasks; n_way x eval_queries: all of a task's queries at once", min=0)
     support_batch: int = _f(0, "metalstm: support examples per learner update (0: the whole support set)", min=0)
     grad_clip: float = _f(0.0, "metalstm: clip the meta-gradient's norm to this (0: no clipping)", min=0.0)
 
@@ -74,6 +75,19 @@ class Config:
         allowed = METHODS_FOR["sinusoid" if self.dataset == "sinusoid" else "classification"]
         if self.method not in allowed:
             raise ConfigError(f"method={self.method!r} with dataset={self.dataset!r}: allowed: {', '.join(allowed)}")
+        if self.dataset != "sinusoid":
+            group, per_class = self.query_group_size, self.query_group_size // self.n_way
+            if group % self.n_way or self.eval_queries % max(per_class, 1) or per_class < 1:
+                raise ConfigError(
+                    f"eval_query_batch={self.eval_query_batch}"
+                    + (f" (n_way x n_query = {group})" if not self.eval_query_batch else "")
+                    + f": must be n_way={self.n_way} times a divisor of eval_queries={self.eval_queries}"
+                )
+
+    @property
+    def query_group_size(self) -> int:
+        """Queries per forward pass when scoring a classification task (``eval_query_batch`` resolved)."""
+        return self.eval_query_batch or self.n_way * self.n_query
 
 
 PRESETS: dict[str, dict] = {
@@ -134,6 +148,18 @@ def _metalstm_presets() -> dict[str, dict]:
 
 
 PRESETS.update(_metalstm_presets())
+
+
+# Keys that only change how a trained run is scored: `fewshot eval --set` may override them.
+EVALUATION_KEYS = ("eval_query_batch", "eval_steps", "tune_inner_lr")
+
+
+def check_evaluation_overrides(assignments: list[str]) -> None:
+    """KEY=VALUE overrides at evaluation may name only ``EVALUATION_KEYS``."""
+    for assignment in assignments:
+        key = assignment.partition("=")[0].strip()
+        if key not in EVALUATION_KEYS:
+            raise ConfigError(f"--set {key}: not an evaluation key (training keys are fixed once trained); allowed: {', '.join(EVALUATION_KEYS)}")
 
 
 def preset(name: str) -> Config:

@@ -54,6 +54,7 @@ def evaluate(method: nn.Module, config: Config) -> dict:
         "curve": head,
         "by_shot": by_shot,
         "method": config.method,
+        **({} if config.dataset == "sinusoid" else {"query_batch": config.query_group_size}),
         **chosen,
     }
 
@@ -63,9 +64,8 @@ def _curve(method: nn.Module, config: Config, batches) -> list[dict]:
     per_step: list[list[torch.Tensor]] = [[] for _ in range(config.eval_steps + 1)]
     device = device_of(method)
     for batch in batches:
-        batch = batch.to(device)
-        for step, predictions in enumerate(method.adaptation_curve(batch, config.eval_steps)):
-            per_step[step].append(experiment.per_task_error(config, predictions, batch.query_y).cpu())
+        for step, scores in enumerate(experiment.scores_after_steps(method, config, batch.to(device), config.eval_steps)):
+            per_step[step].append(scores.cpu())
     return [_summary(step, torch.cat(scores)) for step, scores in enumerate(per_step)]
 
 

@@ -22,7 +22,7 @@ from fewshot.device import device_of
 from fewshot.models import Conv4, maml_init_, mlp
 from fewshot.tasks import sinusoid
 from fewshot.tasks.data_root import cache_root
-from fewshot.tasks.episodes import EpisodeSampler
+from fewshot.tasks.episodes import EpisodeSampler, class_balanced_query_groups
 
 TASK_INFO_FEATURES = 2  # a sinusoid's (amplitude, phase), given to the oracle only
 
@@ -127,13 +127,33 @@ def per_task_accuracy(logits: Tensor, labels: Tensor) -> Tensor:
     return (logits.argmax(-1) == labels).float().mean(1)
 
 
-def per_task_error(config: Config, predictions: Tensor, targets: Tensor) -> Tensor:
-    return (per_task_mse if config.dataset == "sinusoid" else per_task_accuracy)(predictions, targets)
+def scores_after_steps(method: nn.Module, config: Config, tasks: TaskBatch, steps: int) -> list[Tensor]:
+    """Per step 0..``steps``, every task's query MSE or accuracy: a list of ``steps + 1`` tensors (B,).
+
+    Classification queries are scored in class-balanced groups of ``config.query_group_size``
+    (each group a forward pass of its own; see ``eval_query_batch``); a task's accuracy
+    is the mean over its groups, which all have the same size.
+    """
+    if config.dataset == "sinusoid":
+        return [per_task_mse(p, tasks.query_y) for p in method.adaptation_curve(tasks, steps)]
+    groups = class_balanced_query_groups(tasks, config.n_way, config.query_group_size)
+    if len(groups) > 1 and _adapts_once_for_query_batches(method):  # adapt once, then score group by group
+        queries = TaskBatch(tasks.support_x, tasks.support_y, torch.cat([g.query_x for g in groups], 1),
+                            torch.cat([g.query_y for g in groups], 1), tasks.info)  # fmt: skip
+        curve = method.adaptation_curve(queries, steps, query_batch=config.query_group_size)
+        return [per_task_accuracy(p, queries.query_y) for p in curve]
+    per_group = [[per_task_accuracy(p, group.query_y) for p in method.adaptation_curve(group, steps)] for group in groups]
+    return [torch.stack(step).mean(0) for step in zip(*per_group)]
+
+
+def _adapts_once_for_query_batches(method: nn.Module) -> bool:
+    """Whether ``method.adaptation_curve`` takes ``query_batch`` (MAML and fine-tuning do)."""
+    return isinstance(method, MAML) or (isinstance(method, PretrainedClassifier) and method.evaluation == "finetune")
 
 
 def validation_metric(method: nn.Module, config: Config, batches: list[TaskBatch]) -> float:
     """Mean query MSE or accuracy on the meta-validation tasks after ``inner_steps`` steps."""
-    scores = [per_task_error(config, method.adaptation_curve(b, config.inner_steps)[-1], b.query_y) for b in batches]
+    scores = [scores_after_steps(method, config, b, config.inner_steps)[-1] for b in batches]
     return torch.cat(scores).mean().item()
 
 
@@ -145,6 +165,7 @@ def prepare_for_evaluation(method: nn.Module, config: Config) -> dict:
         (val,) = validation_tasks(config)
         return {"finetune_lr": method.tune_step_size(val.to(device_of(method)), config.eval_steps)}
     if isinstance(method, PretrainedClassifier) and method.evaluation == "finetune":
-        val = [b.to(device_of(method)) for b in validation_tasks(config)]
+        val = [group.to(device_of(method)) for b in validation_tasks(config)
+               for group in class_balanced_query_groups(b, config.n_way, config.query_group_size)]  # fmt: skip
         return {"finetune_lr": method.tune_step_size(val, config.eval_steps)}
     return {}

@@ -132,6 +132,15 @@ def test_short_omniglot_maml_run_beats_chance(tmp_path, capsys, shared_data, omn
     result = json.loads(capsys.readouterr().out)
     assert result["metric"] == "accuracy" and result["n_tasks"] == 100 and len(result["curve"]) == 4
     assert result["mean"] > 0.4  # chance is 0.2
+    assert result["query_batch"] == 5  # one query per class per forward pass, as at meta-training
     assert (tmp_path / "omniglot" / "eval.csv").read_text().startswith("k_shot,step,accuracy_mean,accuracy_ci95,")
+    # evaluation keys may change at eval (all 25 queries in one pass); training keys may not
+    assert main(["eval", out, "--json", "--data-root", str(shared_data), "--set", "eval_query_batch=25", "--set", "eval_steps=1"]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert whole["query_batch"] == 25 and len(whole["curve"]) == 2 and whole["mean"] > 0.3  # chance 0.2, CI about 0.02
+    assert main(["eval", out, "--data-root", str(shared_data), "--set", "inner_lr=0.1"]) == 2
+    assert "--set inner_lr: not an evaluation key" in capsys.readouterr().err
+    assert main(["eval", out, "--data-root", str(shared_data), "--set", "eval_query_batch=4"]) == 2
+    assert "eval_query_batch=4: must be n_way=5 times a divisor of eval_queries=5" in capsys.readouterr().err
     assert main(["plot", out, "--data-root", str(shared_data)]) == 0
     assert (tmp_path / "omniglot" / "learning_curves.png").is_file()

@@ -46,3 +46,22 @@ def test_config_file_is_parsed_not_executed():
 def test_unknown_preset_lists_the_allowed_ones():
     with pytest.raises(cfg.ConfigError, match="unknown preset 'sine'; allowed: sine-maml, sine-fomaml"):
         cfg.preset("sine")
+
+
+@pytest.mark.parametrize(
+    "assignments, message",
+    [
+        (["eval_query_batch=7"], "eval_query_batch=7: must be n_way=5 times a divisor of eval_queries=15"),
+        (["eval_query_batch=50"], "eval_query_batch=50: must be n_way=5 times a divisor"),
+        (["n_query=4"], r"eval_query_batch=0 \(n_way x n_query = 20\): must be n_way=5 times a divisor of eval_queries=15"),
+    ],
+)
+def test_query_batches_must_hold_the_same_number_of_every_class(assignments, message):
+    with pytest.raises(cfg.ConfigError, match=message):
+        cfg.with_overrides(cfg.preset("omniglot-5w1s-maml"), assignments)
+
+
+def test_query_group_size_defaults_to_the_meta_training_query_set():
+    assert cfg.preset("omniglot-5w1s-maml").query_group_size == 5  # 5 classes x 1 query, as at meta-training
+    assert cfg.preset("omniglot-20w5s-maml").query_group_size == 100
+    assert cfg.with_overrides(cfg.preset("omniglot-5w1s-maml"), ["eval_query_batch=75"]).query_group_size == 75

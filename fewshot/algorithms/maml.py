@@ -449,31 +449,45 @@ class MAML(nn.Module):
         return self.meta_loss(tasks)
 
     @torch.no_grad()
-    def adaptation_curve(self, tasks: TaskBatch, max_steps: int, inner_lr: float | None = None) -> list[Tensor]:
+    def adaptation_curve(
+        self, tasks: TaskBatch, max_steps: int, inner_lr: float | None = None, query_batch: int | None = None
+    ) -> list[Tensor]:
         """Query predictions after 0, 1, ..., ``max_steps`` inner steps, for evaluation.
 
         No meta-gradient is kept. Returns ``max_steps + 1`` tensors (B, M, *y_shape).
+        ``query_batch``: score a task's queries in consecutive forward passes of this
+        many (batch norm with batch statistics normalises each pass with its own);
+        None: all at once.
         """
         lrs = self.step_sizes() if inner_lr is None else dict.fromkeys(self.meta_parameters(), float(inner_lr))
         lrs = {n: lr.detach() if isinstance(lr, Tensor) else lr for n, lr in lrs.items()}
         theta = {n: p.detach() for n, p in self.meta_parameters().items()}
         if self.batched:
-            return _curve(vmap(self._task_loss), vmap(self.forward), per_task_copies(theta, len(tasks.support_x)), tasks, lrs, max_steps)
+            forward = _in_query_batches(vmap(self.forward), query_batch, query_dim=1)
+            return _curve(vmap(self._task_loss), forward, per_task_copies(theta, len(tasks.support_x)), tasks, lrs, max_steps)
         n_tasks = len(tasks.support_x)
         n_threads = self._threads_for(n_tasks, tasks.support_x.device)
         if n_threads == 1:
-            per_task = [_curve(self._task_loss, self.forward, theta, tasks.task(i), lrs, max_steps) for i in range(n_tasks)]
+            forward = _in_query_batches(self.forward, query_batch)
+            per_task = [_curve(self._task_loss, forward, theta, tasks.task(i), lrs, max_steps) for i in range(n_tasks)]
             return [torch.stack(step) for step in zip(*per_task)]
         replicas, pool = self._replicas(n_threads)
 
         def curves_of_share(k: int) -> list[list[Tensor]]:
-            forward = lambda x, params: self._call(replicas[k], params, x)  # noqa: E731
+            forward = _in_query_batches(lambda x, params: self._call(replicas[k], params, x), query_batch)
             loss = self._replica_loss(replicas[k])
             return [_curve(loss, forward, theta, tasks.task(i), lrs, max_steps) for i in range(k, n_tasks, n_threads)]
 
         shares = map_on_threads(pool, curves_of_share, n_threads)
         per_task = [shares[i % n_threads][i // n_threads] for i in range(n_tasks)]
         return [torch.stack(step) for step in zip(*per_task)]
+
+
+def _in_query_batches(forward, query_batch: int | None, query_dim: int = 0):
+    """``forward(x, params)`` run on consecutive slices of ``query_batch`` examples of x, concatenated."""
+    if query_batch is None:
+        return forward
+    return lambda x, params: torch.cat([forward(part, params) for part in x.split(query_batch, query_dim)], query_dim)
 
 
 def _curve(task_loss: TaskLoss, forward, params: Params, tasks: TaskBatch, lrs, max_steps: int) -> list[Tensor]:

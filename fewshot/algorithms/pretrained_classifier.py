@@ -46,11 +46,14 @@ class PretrainedClassifier(nn.Module):
         labels = self.class_index[torch.gather(tasks.info, 1, episode_labels)].flatten()
         return F.cross_entropy(self.head(self.features(x).flatten(1)), labels)
 
-    def adaptation_curve(self, tasks: TaskBatch, max_steps: int) -> list[Tensor]:
+    def adaptation_curve(self, tasks: TaskBatch, max_steps: int, query_batch: int | None = None) -> list[Tensor]:
+        """Query scores after 0..``max_steps`` fine-tuning steps (``query_batch``: see ``MAML.adaptation_curve``)."""
         if self.evaluation == "nearest":
+            if query_batch is not None:
+                raise ValueError("nearest neighbour scores support and queries in one pass: no query_batch")
             with torch.no_grad():
                 return [self._nearest_neighbour_scores(tasks)] * (max_steps + 1)
-        return self._finetuner().adaptation_curve(tasks, max_steps)
+        return self._finetuner().adaptation_curve(tasks, max_steps, query_batch=query_batch)
 
     def tune_step_size(self, batches: Sequence[TaskBatch], steps: int, grid: tuple[float, ...] = STEP_SIZE_GRID) -> float:
         """Set the fine-tuning step size to the grid value with the best query accuracy after ``steps`` steps.

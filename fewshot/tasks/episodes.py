@@ -28,6 +28,35 @@ from fewshot.metrics import mean_ci95
 from fewshot.tasks.base import TaskBatch
 
 
+
+def class_balanced_query_groups(tasks: TaskBatch, n_way: int, group_size: int) -> list[TaskBatch]:
+    """The tasks again, once per group of their queries: each group holds ``group_size // n_way`` queries of every class.
+
+    Every task must have the same number Q of queries of each class and
+    ``group_size`` must be a multiple of ``n_way`` dividing ``n_way * Q``. The
+    support sets are shared; group j takes each class's queries j*q .. (j+1)*q - 1
+    in their order in the episode. A model whose batch norm uses the statistics of
+    the batch it is given normalises each group with its own, as when it scored a
+    query set of that size at meta-training.
+    """
+    n_tasks, n_queries = tasks.query_y.shape[:2]
+    per_group, per_class = group_size // n_way, n_queries // n_way
+    if per_group < 1 or group_size % n_way or n_queries % n_way or per_class % per_group:
+        raise ValueError(f"group_size={group_size}: must be a multiple of n_way={n_way} dividing the {n_queries} queries of a task")
+    by_class = torch.argsort(tasks.query_y, dim=1, stable=True).view(n_tasks, n_way, per_class)
+    sorted_labels = tasks.query_y.gather(1, by_class.flatten(1)).view(n_tasks, n_way, per_class)
+    first_of_class = sorted_labels[..., 0]  # (B, n_way): must be n_way different labels
+    if not ((sorted_labels == sorted_labels[..., :1]).all() and (first_of_class[:, 1:] > first_of_class[:, :-1]).all()):
+        raise ValueError(f"every task needs {per_class} queries of each of its {n_way} classes")
+    groups = []
+    for start in range(0, per_class, per_group):
+        index = by_class[..., start : start + per_group].flatten(1)  # (B, n_way * per_group)
+        x_index = index.view(*index.shape, *[1] * (tasks.query_x.dim() - 2)).expand(-1, -1, *tasks.query_x.shape[2:])
+        groups.append(TaskBatch(tasks.support_x, tasks.support_y, tasks.query_x.gather(1, x_index),
+                                tasks.query_y.gather(1, index), tasks.info))  # fmt: skip
+    return groups
+
+
 class Collection(Protocol):
     labels: Tensor  # (n_examples,) int64 class ids
 

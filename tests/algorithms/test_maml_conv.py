@@ -109,3 +109,30 @@ def test_task_threads_choice_and_errors():
     for bad in (0, -1, 1.5, "two", True):
         with pytest.raises(ValueError, match="task_threads must be 'auto' or an integer >= 1"):
             MAML(tiny_conv(), F.cross_entropy, task_threads=bad)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_queries_are_scored_in_batches_of_the_meta_training_query_set_size(batched):
+    # eval_query_batch: each class-balanced group of queries is its own forward pass, so batch norm
+    # normalises it with its own statistics, as the query set of that size was at meta-training.
+    from fewshot.config import Config
+    from fewshot.experiment import scores_after_steps
+
+    maml = MAML(tiny_conv(), F.cross_entropy, inner_lr=0.4, batched=batched)
+    batch = episodes(n_tasks=2, queries=4)  # 3 classes x 4 queries, class-major
+    config = Config(dataset="omniglot", n_way=3, k_shot=1, n_query=1, eval_queries=4)  # groups of 3
+    grouped = scores_after_steps(maml, config, batch, 2)[-1]
+    whole = scores_after_steps(maml, Config(**{**config.__dict__, "eval_query_batch": 12}), batch, 2)[-1]
+    by_hand_grouped, by_hand_whole = [], []
+    for i in range(2):
+        task = batch.task(i)
+        adapted = maml.adapt(task.support, steps=2)
+        with torch.no_grad():
+            logits = torch.cat([maml(task.query_x[j::4], adapted) for j in range(4)])  # query j of each class
+            labels = torch.cat([task.query_y[j::4] for j in range(4)])
+            by_hand_grouped.append((logits.argmax(-1) == labels).double().mean())
+            by_hand_whole.append((maml(task.query_x, adapted).argmax(-1) == task.query_y).double().mean())
+            if i == 0:  # the statistics differ, so do the logits
+                assert not torch.allclose(maml(task.query_x, adapted)[0::4], logits[:3])
+    assert torch.allclose(grouped.double(), torch.stack(by_hand_grouped))
+    assert torch.allclose(whole.double(), torch.stack(by_hand_whole))

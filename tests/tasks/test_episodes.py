@@ -91,3 +91,31 @@ def test_overlapping_splits_are_rejected():
     check_disjoint({"train": [0, 1], "val": [2], "test": [3, 4]})
     with pytest.raises(ValueError, match="class 2 is in splits 'val' and 'test'"):
         check_disjoint({"train": [0, 1], "val": [2], "test": [2, 4]})
+
+
+def test_class_balanced_query_groups_split_every_task_s_queries_once():
+    from fewshot.tasks.base import TaskBatch
+    from fewshot.tasks.episodes import class_balanced_query_groups
+
+    g = torch.Generator().manual_seed(0)
+    # 2 tasks, 3 classes, 4 queries per class in a shuffled order; each query's x is its own id
+    labels = torch.stack([torch.arange(3).repeat(4)[torch.randperm(12, generator=g)] for _ in range(2)])
+    ids = torch.arange(24.0).view(2, 12, 1)
+    tasks = TaskBatch(torch.zeros(2, 3, 1), torch.arange(3).expand(2, 3), ids, labels)
+    groups = class_balanced_query_groups(tasks, n_way=3, group_size=6)
+    assert len(groups) == 2
+    for group in groups:
+        assert group.query_x.shape == (2, 6, 1) and group.support_x is tasks.support_x
+        assert (torch.bincount(group.query_y[0], minlength=3) == 2).all() and (torch.bincount(group.query_y[1], minlength=3) == 2).all()
+        # each x keeps its label
+        assert torch.equal(group.query_y, labels.gather(1, (group.query_x[..., 0] - torch.tensor([[0.0], [12.0]])).long()))
+    together = torch.cat([group.query_x for group in groups], 1)
+    assert torch.equal(together.sort(1).values, ids)  # every query exactly once
+    assert len(class_balanced_query_groups(tasks, 3, 12)) == 1
+    with pytest.raises(ValueError, match="group_size=4: must be a multiple of n_way=3"):
+        class_balanced_query_groups(tasks, 3, 4)
+    with pytest.raises(ValueError, match="group_size=9"):
+        class_balanced_query_groups(tasks, 3, 9)  # 3 per class does not divide 4
+    unbalanced = TaskBatch(*tasks[:3], torch.zeros(2, 12, dtype=torch.int64))
+    with pytest.raises(ValueError, match="4 queries of each of its 3 classes"):
+        class_balanced_query_groups(unbalanced, 3, 6)
