@@ -165,7 +165,7 @@ def prepare_for_evaluation(method: nn.Module, config: Config) -> dict:
         (val,) = validation_tasks(config)
         return {"finetune_lr": method.tune_step_size(val.to(device_of(method)), config.eval_steps)}
     if isinstance(method, PretrainedClassifier) and method.evaluation == "finetune":
-        val = [group.to(device_of(method)) for b in validation_tasks(config)
-               for group in class_balanced_query_groups(b, config.n_way, config.query_group_size)]  # fmt: skip
-        return {"finetune_lr": method.tune_step_size(val, config.eval_steps)}
+        val = [b.to(device_of(method)) for b in validation_tasks(config)]
+        accuracy = lambda: torch.cat([scores_after_steps(method, config, b, config.eval_steps)[-1] for b in val]).mean().item()  # noqa: E731
+        return {"finetune_lr": method.tune_step_size(accuracy)}
     return {}

@@ -10,7 +10,7 @@ nearest support example in the pre-trained feature space (cosine similarity).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,21 +55,20 @@ class PretrainedClassifier(nn.Module):
                 return [self._nearest_neighbour_scores(tasks)] * (max_steps + 1)
         return self._finetuner().adaptation_curve(tasks, max_steps, query_batch=query_batch)
 
-    def tune_step_size(self, batches: Sequence[TaskBatch], steps: int, grid: tuple[float, ...] = STEP_SIZE_GRID) -> float:
-        """Set the fine-tuning step size to the grid value with the best query accuracy after ``steps`` steps.
+    def tune_step_size(self, validation_accuracy: Callable[[], float], grid: tuple[float, ...] = STEP_SIZE_GRID) -> float:
+        """Set the fine-tuning step size to the grid value under which ``validation_accuracy()`` is highest.
 
-        ``batches`` are meta-validation episodes; ties go to the smaller step size.
+        ``validation_accuracy`` scores this classifier, as it is, on meta-validation
+        episodes; ties go to the smaller step size.
         """
         if self.evaluation != "finetune":
             raise ValueError(f"only the fine-tuning evaluation has a step size, not {self.evaluation!r}")
 
-        def accuracy_after(lr: float) -> float:
+        def accuracy_with(lr: float) -> float:
             self.finetune_lr = lr
-            with torch.no_grad():
-                hits = [(self.adaptation_curve(b, steps)[-1].argmax(-1) == b.query_y).float().flatten() for b in batches]
-            return torch.cat(hits).mean().item()
+            return validation_accuracy()
 
-        accuracies = {lr: accuracy_after(lr) for lr in grid}
+        accuracies = {lr: accuracy_with(lr) for lr in grid}
         self.finetune_lr = max(grid, key=lambda lr: (accuracies[lr], -lr))
         return self.finetune_lr
 

@@ -83,9 +83,14 @@ def test_finetune_step_size_is_picked_by_validation_accuracy_ties_to_the_smaller
     batch = TaskBatch(centres[support_y] + 0.1 * torch.randn(4, 2, 2), support_y,
                       centres[query_y] + 0.1 * torch.randn(4, 10, 2), query_y)  # fmt: skip
     classifier = PretrainedClassifier(torch.nn.Identity(), 2, [0, 1], n_way=2, finetune_lr=0.5)
+
+    def accuracy():
+        return (classifier.adaptation_curve(batch, 1)[-1].argmax(-1) == batch.query_y).float().mean().item()
+
     # lr 0 leaves the zero head: every logit ties, argmax says class 0, half right. 1.0 and 2.0 both get all right.
-    assert classifier.tune_step_size([batch], steps=1, grid=(0.0, 2.0, 1.0)) == 1.0
+    assert accuracy() == 1.0
+    assert classifier.tune_step_size(accuracy, grid=(0.0, 2.0, 1.0)) == 1.0
     assert classifier.finetune_lr == 1.0
-    assert classifier.tune_step_size([batch], steps=1, grid=(0.0,)) == 0.0
+    assert classifier.tune_step_size(accuracy, grid=(0.0,)) == 0.0 and accuracy() == 0.5
     with pytest.raises(ValueError, match="fine-tuning"):
-        PretrainedClassifier(torch.nn.Identity(), 2, [0, 1], n_way=2, evaluation="nearest").tune_step_size([batch], 1)
+        PretrainedClassifier(torch.nn.Identity(), 2, [0, 1], n_way=2, evaluation="nearest").tune_step_size(accuracy)
