@@ -20,6 +20,12 @@ from fewshot.experiment import build_method, training_batch
 MODES = {"loop": {"batched": "no"}, "batched": {"batched": "yes"}, "compiled": {"batched": "yes", "compile": True}}
 
 
+def training_step(method, optimizer, batch) -> None:
+    optimizer.zero_grad()
+    method.training_loss(batch).backward()
+    optimizer.step()
+
+
 def main(name: str, modes: list[str], iterations: int) -> None:
     base = preset(name)
     generator = torch.Generator().manual_seed(0)
@@ -30,17 +36,13 @@ def main(name: str, modes: list[str], iterations: int) -> None:
         optimizer = torch.optim.Adam(method.parameters(), base.outer_lr)
         start = time.perf_counter()
         for batch in batches[:2]:
-            optimizer.zero_grad()
-            method.training_loss(batch).backward()
-            optimizer.step()
+            training_step(method, optimizer, batch)
         print(f"{mode}: warm-up {time.perf_counter() - start:.1f} s", flush=True)
         timings[mode] = (method, optimizer, [])
     for batch in batches[2:]:
         for method, optimizer, times in timings.values():
             start = time.perf_counter()
-            optimizer.zero_grad()
-            method.training_loss(batch).backward()
-            optimizer.step()
+            training_step(method, optimizer, batch)
             times.append(time.perf_counter() - start)
     for mode, (_, _, times) in timings.items():
         times = sorted(times)

@@ -77,7 +77,7 @@ class Config:
             raise ConfigError(f"method={self.method!r} with dataset={self.dataset!r}: allowed: {', '.join(allowed)}")
         if self.dataset != "sinusoid":
             group, per_class = self.query_group_size, self.query_group_size // self.n_way
-            if group % self.n_way or self.eval_queries % max(per_class, 1) or per_class < 1:
+            if per_class < 1 or group % self.n_way or self.eval_queries % per_class:
                 raise ConfigError(
                     f"eval_query_batch={self.eval_query_batch}"
                     + (f" (n_way x n_query = {group})" if not self.eval_query_batch else "")

@@ -151,9 +151,10 @@ def _adapts_once_for_query_batches(method: nn.Module) -> bool:
     return isinstance(method, MAML) or (isinstance(method, PretrainedClassifier) and method.evaluation == "finetune")
 
 
-def validation_metric(method: nn.Module, config: Config, batches: list[TaskBatch]) -> float:
-    """Mean query MSE or accuracy on the meta-validation tasks after ``inner_steps`` steps."""
-    scores = [scores_after_steps(method, config, b, config.inner_steps)[-1] for b in batches]
+def validation_metric(method: nn.Module, config: Config, batches: list[TaskBatch], steps: int | None = None) -> float:
+    """Mean query MSE or accuracy on the meta-validation tasks after ``steps`` (default ``inner_steps``) steps."""
+    steps = config.inner_steps if steps is None else steps
+    scores = [scores_after_steps(method, config, b, steps)[-1] for b in batches]
     return torch.cat(scores).mean().item()
 
 
@@ -166,6 +167,5 @@ def prepare_for_evaluation(method: nn.Module, config: Config) -> dict:
         return {"finetune_lr": method.tune_step_size(val.to(device_of(method)), config.eval_steps)}
     if isinstance(method, PretrainedClassifier) and method.evaluation == "finetune":
         val = [b.to(device_of(method)) for b in validation_tasks(config)]
-        accuracy = lambda: torch.cat([scores_after_steps(method, config, b, config.eval_steps)[-1] for b in val]).mean().item()  # noqa: E731
-        return {"finetune_lr": method.tune_step_size(accuracy)}
+        return {"finetune_lr": method.tune_step_size(lambda: validation_metric(method, config, val, config.eval_steps))}
     return {}
