@@ -25,12 +25,14 @@ from __future__ import annotations
 import copy
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from contextlib import nullcontext
+from typing import Callable, ContextManager
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from fewshot.kernels import fast_cpu_kernels
 from fewshot.tasks.base import TaskBatch
 
 Params = dict[str, Tensor]
@@ -233,12 +235,18 @@ class _PrecomputedGradient(torch.autograd.Function):
         return (None, None, *(grad_output * g for g in ctx.grads))
 
 
-def functional_loss(module: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor]) -> TaskLoss:
-    """``(params, x, y) -> loss_fn(module(x) with params, y)``; buffers are the module's own."""
+def functional_loss(
+    module: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], context: Callable[[], ContextManager] = nullcontext
+) -> TaskLoss:
+    """``(params, x, y) -> loss_fn(module(x) with params, y)``; buffers are the module's own.
+
+    ``context()`` is entered around each forward pass (MAML's: ``fast_cpu_kernels`` on the looped path).
+    """
     buffers = dict(module.named_buffers())
 
     def task_loss(params: Params, x: Tensor, y: Tensor) -> Tensor:
-        return loss_fn(functional_call(module, {**buffers, **params}, (x,)), y)
+        with context():
+            return loss_fn(functional_call(module, {**buffers, **params}, (x,)), y)
 
     return task_loss
 
@@ -338,7 +346,7 @@ class MAML(nn.Module):
             for p in model.parameters():
                 shape = p.shape if learn_inner_lr == "per_element" else ()
                 self.inner_lrs.append(nn.Parameter(torch.full(shape, self.inner_lr, dtype=p.dtype)))
-        self._task_loss = functional_loss(model, loss_fn)
+        self._task_loss = functional_loss(model, loss_fn, self._kernels)
         self.task_threads = task_threads
         self._replica_modules: list[nn.Module] = []  # one per thread, made on first use (not submodules)
         self._pool: ThreadPoolExecutor | None = None
@@ -364,7 +372,12 @@ class MAML(nn.Module):
 
     def _call(self, module: nn.Module, params: Params, x: Tensor) -> Tensor:
         """f_params(x) on ``module`` (this module or a replica of it), with this module's buffers."""
-        return functional_call(module, {**dict(self.module.named_buffers()), **params}, (x,))
+        with self._kernels():
+            return functional_call(module, {**dict(self.module.named_buffers()), **params}, (x,))
+
+    def _kernels(self) -> ContextManager:
+        """Faster identical CPU kernels (``fewshot.kernels``) on the looped path; under vmap they never apply."""
+        return nullcontext() if self.batched else fast_cpu_kernels()
 
     def _replica_loss(self, replica: nn.Module) -> TaskLoss:
         return lambda params, x, y: self.loss_fn(self._call(replica, params, x), y)

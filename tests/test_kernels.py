@@ -1,0 +1,76 @@
+"""The channels-last route for max-pooling gives F.max_pool2d's results bit for bit, to second derivatives."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import vmap
+
+from fewshot.kernels import ChannelsLastMaxPool2d, fast_cpu_kernels, max_pool2d
+
+POOLINGS = [  # kernel_size, stride, padding, dilation, ceil_mode
+    (2, None, 0, 1, False),
+    (2, 2, 0, 1, True),
+    (3, 2, 1, 1, False),
+    (3, 1, 1, 1, True),
+    ((2, 3), (1, 2), (1, 0), (2, 1), False),
+]
+
+
+def images_with_ties(dtype, seed=0):
+    """ReLU'd noise with flat patches, as blank Omniglot background gives: windows whose maxima tie."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 4, 9, 11, generator=g, dtype=dtype)
+    x[:, :, :4, :6] = 0.5
+    x[:, 1:, 5:, 3:] = 0.0
+    return x.relu()
+
+
+def pool_and_derivatives(pool, x, grad_out, grad_grad):
+    """Output, input gradient, and the derivative of <input gradient, grad_grad> w.r.t. the output gradient."""
+    x = x.clone().requires_grad_()
+    grad_out = grad_out.clone().requires_grad_()
+    y = pool(x)
+    (grad_x,) = torch.autograd.grad(y, x, grad_out, create_graph=True)
+    (second,) = torch.autograd.grad(grad_x, grad_out, grad_grad)
+    return y, grad_x, second
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_channels_last_route_is_bit_identical(pooling, dtype):
+    x = images_with_ties(dtype)
+    y = F.max_pool2d(x, *pooling)
+    g = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(y.shape, generator=g, dtype=dtype)
+    grad_grad = torch.randn(x.shape, generator=g, dtype=dtype)
+    reference = pool_and_derivatives(lambda t: F.max_pool2d(t, *pooling), x, grad_out, grad_grad)
+    routed = pool_and_derivatives(lambda t: max_pool2d(t, *pooling), x, grad_out, grad_grad)
+    assert type(routed[0].grad_fn).__name__ == "ChannelsLastMaxPool2dBackward"  # it did take the route
+    for ours, theirs in zip(routed, reference):
+        assert torch.equal(ours, theirs)
+    assert routed[0].is_contiguous()  # NCHW out, as F.max_pool2d gives for NCHW in
+
+
+def test_second_derivatives_match_finite_differences():
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    args = ([2, 2], [2, 2], [0, 0], [1, 1], False)
+    assert torch.autograd.gradgradcheck(lambda t: ChannelsLastMaxPool2d.apply(t, *args), (x,))
+
+
+def test_modules_take_the_route_inside_the_context_and_other_inputs_do_not():
+    pool = nn.MaxPool2d(2)
+    x = torch.rand(2, 3, 8, 8, requires_grad=True)
+    assert type(pool(x).grad_fn).__name__ != "ChannelsLastMaxPool2dBackward"  # outside: untouched
+    with fast_cpu_kernels():
+        assert type(pool(x).grad_fn).__name__ == "ChannelsLastMaxPool2dBackward"
+        assert type(torch.max_pool2d(x, 2).grad_fn).__name__ == "ChannelsLastMaxPool2dBackward"
+        untouched = [
+            pool(x[0]),  # 3-D input
+            pool(x.contiguous(memory_format=torch.channels_last)),  # ATen's fast kernel already
+            F.max_pool2d(x, 2, return_indices=True)[0],
+        ]
+        for y in untouched:
+            assert type(y.grad_fn).__name__ != "ChannelsLastMaxPool2dBackward"
+        batched = vmap(lambda t: pool(t))(x.unsqueeze(1))  # under a torch.func transform: ATen's kernel
+    assert torch.equal(batched.squeeze(1), F.max_pool2d(x, 2))
