@@ -15,10 +15,13 @@ sys.path.insert(0, str(PEERS))
 import common  # noqa: E402  (the peer harness)
 
 import fewshot  # noqa: E402
+import fewshot.device  # noqa: E402
 from fewshot import MAML, TaskBatch  # noqa: E402
 
 
 def make_step(model, wl, order, args):
+    if args.keep_freed_memory:
+        assert fewshot.device.keep_freed_cpu_memory(), "glibc's mallopt is not available here"
     batched = {"auto": "auto", "yes": True, "no": False}[args.batched]
     maml = MAML(model, common.loss_fn(wl), inner_lr=wl.inner_lr, inner_steps=wl.inner_steps,
                 first_order=(order == "first"), batched=batched, compile=args.compile,
@@ -32,11 +35,14 @@ def make_step(model, wl, order, args):
 
 def impl_name(args):
     threads = "" if args.task_threads == "auto" else f"-threads{args.task_threads}"
-    return f"fewshot-{args.batched}{threads}" + ("+compile" if args.compile else "")
+    kept = "+kept-memory" if args.keep_freed_memory else ""
+    return f"fewshot-{args.batched}{threads}{kept}" + ("+compile" if args.compile else "")
 
 
 if __name__ == "__main__":
     common.main(impl_name, make_step, versions={"fewshot": fewshot.__version__},
                 extra_args=[(("--batched",), dict(choices=["auto", "yes", "no"], default="auto")),
                             (("--compile",), dict(action="store_true")),
-                            (("--task-threads",), dict(default="auto"))])
+                            (("--task-threads",), dict(default="auto")),
+                            (("--keep-freed-memory",), dict(action="store_true",
+                                                             help="call fewshot.device.keep_freed_cpu_memory() first, as the CLI does"))])

@@ -3,7 +3,8 @@
 #   bash benchmarks/speed.sh                                   # sine workload, 3 rounds
 #   WORKLOADS="omniglot-5w1s omniglot-20w1s" ROUNDS=1 COMPILE=0 bash benchmarks/speed.sh
 #   ORDERS="second first"      orders to time (sine is second order only)
-#   IMPLS="l2l func_loop fewshot fewshot_1thread"   subset/order of implementations (default below)
+#   IMPLS="l2l func_loop fewshot fewshot_kept fewshot_1thread"   subset/order of implementations (default below)
+#   (fewshot_kept: after fewshot.device.keep_freed_cpu_memory(), as `fewshot train` does)
 # Needs the peers' venv (bash ../shared/peers/setup.sh); fewshot is installed into it
 # without dependencies so every implementation runs on the same torch.
 # Output: benchmarks/results/$NAME.jsonl (one JSON line per run) and $NAME.md (NAME=speed by default).
@@ -43,6 +44,7 @@ for r in $(seq 1 "$ROUNDS"); do
           func_vmap) run "$wl" "$order" bench_func_vmap.py ;;
           fewshot) run "$wl" "$order" "$ROOT/benchmarks/bench_fewshot.py"
                    if [ "$COMPILE" = 1 ]; then run "$wl" "$order" "$ROOT/benchmarks/bench_fewshot.py" --compile; fi ;;
+          fewshot_kept) run "$wl" "$order" "$ROOT/benchmarks/bench_fewshot.py" --keep-freed-memory ;;
           fewshot_1thread) run "$wl" "$order" "$ROOT/benchmarks/bench_fewshot.py" --task-threads 1 ;;
           *) echo "unknown implementation $impl" >&2; exit 2 ;;
         esac
