@@ -20,8 +20,8 @@ from fewshot import MAML, TaskBatch  # noqa: E402
 
 
 def make_step(model, wl, order, args):
-    if args.keep_freed_memory:
-        assert fewshot.device.keep_freed_cpu_memory(), "glibc's mallopt is not available here"
+    if args.keep_freed_memory and not fewshot.device.keep_freed_cpu_memory():
+        raise SystemExit("--keep-freed-memory: glibc's mallopt is not available here")
     batched = {"auto": "auto", "yes": True, "no": False}[args.batched]
     maml = MAML(model, common.loss_fn(wl), inner_lr=wl.inner_lr, inner_steps=wl.inner_steps,
                 first_order=(order == "first"), batched=batched, compile=args.compile,

@@ -9,7 +9,6 @@ batch by batch.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 import torch
@@ -51,34 +50,33 @@ def device_of(module: nn.Module) -> torch.device:
     return next((p.device for p in module.parameters()), torch.device("cpu"))
 
 
-# glibc mallopt parameters (malloc.h)
+# glibc mallopt parameters (malloc.h); mallopt takes C ints
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-_GLIBC_MAX_MMAP_THRESHOLD = 32 * 1024 * 1024  # on 64-bit; larger values are refused
+_KEPT_HEAP = (
+    (_M_MMAP_THRESHOLD, 32 * 1024 * 1024),  # glibc's largest on 64-bit: blocks up to 32 MiB come from the heap
+    (_M_TRIM_THRESHOLD, 2**31 - 1),  # the largest int: the heap is never trimmed
+    (_M_TOP_PAD, 64 * 1024 * 1024),  # slack kept on top of the heap when it grows
+)
 
 
 def keep_freed_cpu_memory() -> bool:
     """Have glibc's malloc reuse freed memory for large CPU tensors instead of returning it to the OS.
 
-    With glibc's defaults a tensor of a few MB is mapped fresh from the kernel and unmapped
-    when freed, so the next one pays a page fault per 4 KiB on first write: a ReLU of a 15 MB
-    tensor into a fresh output took 2-20 ms here, into reused memory 1.3 ms (BENCHMARKS.md,
-    "Omniglot speed"). This serves blocks up to 32 MiB from the heap and never trims it, with
-    64 MiB of slack; the process keeps its peak memory instead of giving it back between
-    meta-batches. Process-wide, so ``fewshot train`` and ``fewshot eval`` call it on the CPU and
-    the library never does on its own. Returns False (and changes nothing) where libc is not
-    glibc. The same can be had before Python starts with ``MALLOC_MMAP_THRESHOLD_=33554432
-    MALLOC_TRIM_THRESHOLD_=...`` in the environment.
+    With glibc's defaults a tensor of a few MB is often mapped fresh from the kernel and
+    unmapped when freed, so the next one pays a page fault per 4 KiB on first write: a ReLU of
+    a 15 MB tensor into a fresh output took 2-20 ms here, into reused memory 1.3 ms
+    (BENCHMARKS.md, "Omniglot speed"). This serves blocks up to 32 MiB from the heap and never
+    trims the heap: the process keeps its peak memory instead of giving it back between
+    meta-batches. Process-wide, so the commands that train or evaluate call it on the CPU and
+    the library never does on its own. Returns False, changing nothing, where libc is not
+    glibc. Before Python starts, ``MALLOC_MMAP_THRESHOLD_=33554432
+    MALLOC_TRIM_THRESHOLD_=2147483647`` in the environment does the same.
     """
-    name = ctypes.util.find_library("c")
     try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, TypeError, AttributeError):  # no libc found, or a libc without mallopt (musl, macOS)
+        libc = ctypes.CDLL(None)  # the symbols already loaded into this process, libc's among them
+    except (OSError, TypeError):  # Windows
         return False
-    return all(
-        mallopt(parameter, value) == 1
-        for parameter, value in (
-            (_M_MMAP_THRESHOLD, _GLIBC_MAX_MMAP_THRESHOLD),
-            (_M_TRIM_THRESHOLD, 2**40),
-            (_M_TOP_PAD, 64 * 1024 * 1024),
-        )
-    )
+    if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):  # musl, macOS, ...
+        return False
+    libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return all([libc.mallopt(parameter, value) == 1 for parameter, value in _KEPT_HEAP])  # a list: every one is set

@@ -10,24 +10,33 @@ unchanged. ``tests/test_kernels.py`` checks the outputs, gradients and second
 derivatives bit for bit against ``F.max_pool2d``.
 
 ``fast_cpu_kernels()`` is a context in which ``F.max_pool2d`` (hence ``nn.MaxPool2d``)
-takes that route for plain 4-D CPU tensors; anything else runs untouched, as do
-calls under ``torch.func`` transforms and ``torch.compile``.
+takes that route for plain contiguous 4-D float16/32/64 CPU tensors; anything else runs
+untouched, as do calls under ``torch.func`` transforms, forward-mode AD and ``torch.compile``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import operator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.overrides import TorchFunctionMode
 
 _aten = torch.ops.aten
 
 
+_EXACT_DTYPES = (torch.float16, torch.float32, torch.float64)  # bfloat16: a NaN window's payload differs
+
+
 def _pair(value) -> list[int]:
-    return [value, value] if isinstance(value, int) else list(value)
+    """An int or a sequence of ints as a list of two ints; TypeError for anything else."""
+    values = [operator.index(value)] * 2 if not isinstance(value, (list, tuple)) else [operator.index(v) for v in value]
+    if len(values) not in (1, 2):
+        raise TypeError(f"expected one or two ints, got {value!r}")
+    return values * (3 - len(values))
 
 
 class ChannelsLastMaxPool2d(torch.autograd.Function):
@@ -53,20 +62,26 @@ def _takes_channels_last_route(x) -> bool:
     return (
         isinstance(x, Tensor)
         and not torch._C._functorch.is_functorch_wrapped_tensor(x)  # vmap / grad transforms: leave to ATen
+        and forward_ad.unpack_dual(x).tangent is None  # forward-mode AD: ChannelsLastMaxPool2d has no jvp
         and x.device.type == "cpu"
         and x.dim() == 4
-        and x.is_floating_point()
+        and x.dtype in _EXACT_DTYPES
         and x.is_contiguous()
         and not x.is_contiguous(memory_format=torch.channels_last)  # ATen already uses the fast kernel then
     )
 
 
-def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
     """``F.max_pool2d`` with the same results, through the channels-last kernel where that is faster."""
-    if return_indices or not _takes_channels_last_route(x):
-        return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
-    stride = kernel_size if stride is None or (not isinstance(stride, int) and len(stride) == 0) else stride
-    return ChannelsLastMaxPool2d.apply(x, _pair(kernel_size), _pair(stride), _pair(padding), _pair(dilation), bool(ceil_mode))
+    if not return_indices and _takes_channels_last_route(input):
+        no_stride = stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0)
+        try:
+            pooling = [_pair(v) for v in (kernel_size, kernel_size if no_stride else stride, padding, dilation)]
+        except TypeError:  # an argument F.max_pool2d may accept or reject in its own words
+            pooling = None
+        if pooling is not None:
+            return ChannelsLastMaxPool2d.apply(input, *pooling, bool(ceil_mode))
+    return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
 
 
 _ROUTES = {F.max_pool2d: max_pool2d, torch.max_pool2d: max_pool2d}

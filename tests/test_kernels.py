@@ -1,12 +1,18 @@
 """The channels-last route for max-pooling gives F.max_pool2d's results bit for bit, to second derivatives."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd import forward_ad
 from torch.func import vmap
 
+from fewshot import MAML, TaskBatch
 from fewshot.kernels import ChannelsLastMaxPool2d, fast_cpu_kernels, max_pool2d
+from fewshot.models import Conv4
+
+ROUTED = "ChannelsLastMaxPool2dBackward"
 
 POOLINGS = [  # kernel_size, stride, padding, dilation, ceil_mode
     (2, None, 0, 1, False),
@@ -46,7 +52,7 @@ def test_channels_last_route_is_bit_identical(pooling, dtype):
     grad_grad = torch.randn(x.shape, generator=g, dtype=dtype)
     reference = pool_and_derivatives(lambda t: F.max_pool2d(t, *pooling), x, grad_out, grad_grad)
     routed = pool_and_derivatives(lambda t: max_pool2d(t, *pooling), x, grad_out, grad_grad)
-    assert type(routed[0].grad_fn).__name__ == "ChannelsLastMaxPool2dBackward"  # it did take the route
+    assert type(routed[0].grad_fn).__name__ == ROUTED  # it did take the route
     for ours, theirs in zip(routed, reference):
         assert torch.equal(ours, theirs)
     assert routed[0].is_contiguous()  # NCHW out, as F.max_pool2d gives for NCHW in
@@ -61,16 +67,56 @@ def test_second_derivatives_match_finite_differences():
 def test_modules_take_the_route_inside_the_context_and_other_inputs_do_not():
     pool = nn.MaxPool2d(2)
     x = torch.rand(2, 3, 8, 8, requires_grad=True)
-    assert type(pool(x).grad_fn).__name__ != "ChannelsLastMaxPool2dBackward"  # outside: untouched
+    assert type(pool(x).grad_fn).__name__ != ROUTED  # outside: untouched
     with fast_cpu_kernels():
-        assert type(pool(x).grad_fn).__name__ == "ChannelsLastMaxPool2dBackward"
-        assert type(torch.max_pool2d(x, 2).grad_fn).__name__ == "ChannelsLastMaxPool2dBackward"
+        routed = [
+            pool(x),
+            torch.max_pool2d(x, 2),
+            torch.max_pool2d(input=x, kernel_size=2),  # the keyword names of both functions
+            F.max_pool2d(input=x, kernel_size=(2, 2), stride=(2,)),
+            F.max_pool2d(x, np.int64(2)),  # any integer type F.max_pool2d takes
+        ]
+        for y in routed:
+            assert type(y.grad_fn).__name__ == ROUTED
+            assert torch.equal(y, F.max_pool2d(x.detach(), 2))
         untouched = [
             pool(x[0]),  # 3-D input
             pool(x.contiguous(memory_format=torch.channels_last)),  # ATen's fast kernel already
             F.max_pool2d(x, 2, return_indices=True)[0],
+            pool(x.detach().bfloat16().requires_grad_()),  # a NaN's payload would differ
         ]
         for y in untouched:
-            assert type(y.grad_fn).__name__ != "ChannelsLastMaxPool2dBackward"
+            assert type(y.grad_fn).__name__ != ROUTED
         batched = vmap(lambda t: pool(t))(x.unsqueeze(1))  # under a torch.func transform: ATen's kernel
+        with forward_ad.dual_level():  # forward-mode AD: ATen's kernel, which has a jvp
+            tangent = torch.rand_like(x)
+            dual_out = forward_ad.unpack_dual(pool(forward_ad.make_dual(x.detach(), tangent)))
     assert torch.equal(batched.squeeze(1), F.max_pool2d(x, 2))
+    assert torch.equal(dual_out.primal, F.max_pool2d(x.detach(), 2))
+    assert dual_out.tangent is not None
+
+
+def routed_nodes(tensor) -> int:
+    """How many ChannelsLastMaxPool2d nodes the autograd graph of ``tensor`` holds."""
+    seen, stack, count = set(), [tensor.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        count += type(node).__name__ == ROUTED
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return count
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_maml_takes_the_route_on_the_looped_path_only(batched):
+    torch.manual_seed(0)
+    maml = MAML(Conv4(n_way=3, hidden=4, image_size=16), F.cross_entropy, 0.4, 1, batched=batched, task_threads=1)
+    support_x, query_x = torch.rand(2, 3, 1, 16, 16), torch.rand(2, 6, 1, 16, 16)
+    labels = torch.arange(3)
+    tasks = TaskBatch(support_x, labels.expand(2, -1), query_x, labels.repeat(2).expand(2, -1))
+    loss = maml.meta_loss(tasks, first_order=True) if batched else maml._task_loss(maml.meta_parameters(), query_x[0], labels.repeat(2))
+    assert routed_nodes(loss) == (0 if batched else 4)  # the Conv4's four pools
+    if not batched:  # the forward with adapted parameters, as the task threads and evaluation call it
+        assert routed_nodes(maml(query_x[0], maml.meta_parameters())) == 4
