@@ -235,18 +235,12 @@ class _PrecomputedGradient(torch.autograd.Function):
         return (None, None, *(grad_output * g for g in ctx.grads))
 
 
-def functional_loss(
-    module: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], context: Callable[[], ContextManager] = nullcontext
-) -> TaskLoss:
-    """``(params, x, y) -> loss_fn(module(x) with params, y)``; buffers are the module's own.
-
-    ``context()`` is entered around each forward pass (MAML's: ``fast_cpu_kernels`` on the looped path).
-    """
+def functional_loss(module: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor]) -> TaskLoss:
+    """``(params, x, y) -> loss_fn(module(x) with params, y)``; buffers are the module's own."""
     buffers = dict(module.named_buffers())
 
     def task_loss(params: Params, x: Tensor, y: Tensor) -> Tensor:
-        with context():
-            return loss_fn(functional_call(module, {**buffers, **params}, (x,)), y)
+        return loss_fn(functional_call(module, {**buffers, **params}, (x,)), y)
 
     return task_loss
 
@@ -346,7 +340,7 @@ class MAML(nn.Module):
             for p in model.parameters():
                 shape = p.shape if learn_inner_lr == "per_element" else ()
                 self.inner_lrs.append(nn.Parameter(torch.full(shape, self.inner_lr, dtype=p.dtype)))
-        self._task_loss = functional_loss(model, loss_fn, self._kernels)
+        self._task_loss = self._replica_loss(model)  # (params, x, y) -> loss of f_params(x) on the module itself
         self.task_threads = task_threads
         self._replica_modules: list[nn.Module] = []  # one per thread, made on first use (not submodules)
         self._pool: ThreadPoolExecutor | None = None
