@@ -9,6 +9,7 @@ from torch.autograd import forward_ad
 from torch.func import vmap
 
 from fewshot import MAML, TaskBatch
+from fewshot import kernels
 from fewshot.kernels import ChannelsLastMaxPool2d, fast_cpu_kernels, max_pool2d
 from fewshot.models import Conv4
 
@@ -26,7 +27,7 @@ POOLINGS = [  # kernel_size, stride, padding, dilation, ceil_mode
 def images_with_ties(dtype, seed=0):
     """ReLU'd noise with flat patches, as blank Omniglot background gives: windows whose maxima tie."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(3, 4, 9, 11, generator=g, dtype=dtype)
+    x = torch.randn(4, 16, 23, 25, generator=g, dtype=dtype)  # above kernels.MIN_ELEMENTS
     x[:, :, :4, :6] = 0.5
     x[:, 1:, 5:, 3:] = 0.0
     return x.relu()
@@ -66,7 +67,7 @@ def test_second_derivatives_match_finite_differences():
 
 def test_modules_take_the_route_inside_the_context_and_other_inputs_do_not():
     pool = nn.MaxPool2d(2)
-    x = torch.rand(2, 3, 8, 8, requires_grad=True)
+    x = torch.rand(2, 16, 32, 32, requires_grad=True)
     assert type(pool(x).grad_fn).__name__ != ROUTED  # outside: untouched
     with fast_cpu_kernels():
         routed = [
@@ -81,6 +82,7 @@ def test_modules_take_the_route_inside_the_context_and_other_inputs_do_not():
             assert torch.equal(y, F.max_pool2d(x.detach(), 2))
         untouched = [
             pool(x[0]),  # 3-D input
+            pool(x[:1, :8].contiguous()),  # too small to gain (kernels.MIN_ELEMENTS)
             pool(x.contiguous(memory_format=torch.channels_last)),  # ATen's fast kernel already
             F.max_pool2d(x, 2, return_indices=True)[0],
             pool(x.detach().bfloat16().requires_grad_()),  # a NaN's payload would differ
@@ -110,7 +112,8 @@ def routed_nodes(tensor) -> int:
 
 
 @pytest.mark.parametrize("batched", [False, True])
-def test_maml_takes_the_route_on_the_looped_path_only(batched):
+def test_maml_takes_the_route_on_the_looped_path_only(batched, monkeypatch):
+    monkeypatch.setattr(kernels, "MIN_ELEMENTS", 0)  # a tiny net
     torch.manual_seed(0)
     maml = MAML(Conv4(n_way=3, hidden=4, image_size=16), F.cross_entropy, 0.4, 1, batched=batched, task_threads=1)
     support_x, query_x = torch.rand(2, 3, 1, 16, 16), torch.rand(2, 6, 1, 16, 16)
@@ -120,3 +123,18 @@ def test_maml_takes_the_route_on_the_looped_path_only(batched):
     assert routed_nodes(loss) == (0 if batched else 4)  # the Conv4's four pools
     if not batched:  # the forward with adapted parameters, as the task threads and evaluation call it
         assert routed_nodes(maml(query_x[0], maml.meta_parameters())) == 4
+
+
+def test_maml_second_order_meta_gradient_is_the_same_with_and_without_the_route(monkeypatch):
+    labels = torch.arange(3)
+    g = torch.Generator().manual_seed(2)
+    tasks = TaskBatch(torch.rand(2, 3, 1, 16, 16, generator=g, dtype=torch.float64), labels.expand(2, -1),
+                      torch.rand(2, 6, 1, 16, 16, generator=g, dtype=torch.float64), labels.repeat(2).expand(2, -1))
+    grads = []
+    for min_elements in (0, 10**9):  # every pool routed, none routed
+        monkeypatch.setattr(kernels, "MIN_ELEMENTS", min_elements)
+        torch.manual_seed(0)
+        maml = MAML(Conv4(n_way=3, hidden=4, image_size=16).double(), F.cross_entropy, 0.4, 2, task_threads=2)
+        maml.meta_loss(tasks).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in maml.parameters()]))
+    assert torch.equal(grads[0], grads[1])
