@@ -70,13 +70,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _prepare_device(name: str) -> None:
+    """Check ``--device`` (ConfigError naming the allowed values); on the CPU, keep freed memory for reuse."""
+    from fewshot.device import keep_freed_cpu_memory, resolve_device
+
+    if resolve_device(name).type == "cpu":
+        keep_freed_cpu_memory()  # large tensors reuse memory instead of paying page faults (fewshot.device)
+
+
 def _train(args) -> int:
     from fewshot.train import prepare_run_dir, rank_and_world, train, training_exit_status
 
-    from fewshot.device import keep_freed_cpu_memory, resolve_device
-
-    if resolve_device(args.device).type == "cpu":  # a bad --device fails before the run directory is touched
-        keep_freed_cpu_memory()  # large tensors reuse memory instead of paying page faults (fewshot.device)
+    _prepare_device(args.device)  # a bad --device fails before the run directory is touched
     preset, on_device = cfg.preset, {"device": args.device}
     if rl_cli.is_rl(args.preset):  # meta-RL presets: fewshot.rl's config and training loop
         if args.device != "cpu":
@@ -104,11 +109,9 @@ def _evaluated_runs(run_dirs: list[Path], device: str = "cpu", overrides: list[s
     ``overrides`` (KEY=VALUE) may change only ``cfg.EVALUATION_KEYS`` of each run's config.
     """
     from fewshot import evaluate
-    from fewshot.device import keep_freed_cpu_memory, resolve_device
     from fewshot.train import load_run
 
-    if resolve_device(device).type == "cpu":  # a bad --device is reported before any run is read
-        keep_freed_cpu_memory()
+    _prepare_device(device)  # a bad --device is reported before any run is read
     cfg.check_evaluation_overrides(overrides)
     runs = {}
     for run_dir in run_dirs:

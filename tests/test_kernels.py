@@ -8,10 +8,7 @@ from torch import nn
 from torch.autograd import forward_ad
 from torch.func import vmap
 
-from fewshot import MAML, TaskBatch
-from fewshot import kernels
 from fewshot.kernels import ChannelsLastMaxPool2d, fast_cpu_kernels, max_pool2d
-from fewshot.models import Conv4
 
 ROUTED = "ChannelsLastMaxPool2dBackward"
 
@@ -96,45 +93,3 @@ def test_modules_take_the_route_inside_the_context_and_other_inputs_do_not():
     assert torch.equal(batched.squeeze(1), F.max_pool2d(x, 2))
     assert torch.equal(dual_out.primal, F.max_pool2d(x.detach(), 2))
     assert dual_out.tangent is not None
-
-
-def routed_nodes(tensor) -> int:
-    """How many ChannelsLastMaxPool2d nodes the autograd graph of ``tensor`` holds."""
-    seen, stack, count = set(), [tensor.grad_fn], 0
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        count += type(node).__name__ == ROUTED
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return count
-
-
-@pytest.mark.parametrize("batched", [False, True])
-def test_maml_takes_the_route_on_the_looped_path_only(batched, monkeypatch):
-    monkeypatch.setattr(kernels, "MIN_ELEMENTS", 0)  # a tiny net
-    torch.manual_seed(0)
-    maml = MAML(Conv4(n_way=3, hidden=4, image_size=16), F.cross_entropy, 0.4, 1, batched=batched, task_threads=1)
-    support_x, query_x = torch.rand(2, 3, 1, 16, 16), torch.rand(2, 6, 1, 16, 16)
-    labels = torch.arange(3)
-    tasks = TaskBatch(support_x, labels.expand(2, -1), query_x, labels.repeat(2).expand(2, -1))
-    loss = maml.meta_loss(tasks, first_order=True) if batched else maml._task_loss(maml.meta_parameters(), query_x[0], labels.repeat(2))
-    assert routed_nodes(loss) == (0 if batched else 4)  # the Conv4's four pools
-    if not batched:  # the forward with adapted parameters, as the task threads and evaluation call it
-        assert routed_nodes(maml(query_x[0], maml.meta_parameters())) == 4
-
-
-def test_maml_second_order_meta_gradient_is_the_same_with_and_without_the_route(monkeypatch):
-    labels = torch.arange(3)
-    g = torch.Generator().manual_seed(2)
-    tasks = TaskBatch(torch.rand(2, 3, 1, 16, 16, generator=g, dtype=torch.float64), labels.expand(2, -1),
-                      torch.rand(2, 6, 1, 16, 16, generator=g, dtype=torch.float64), labels.repeat(2).expand(2, -1))
-    grads = []
-    for min_elements in (0, 10**9):  # every pool routed, none routed
-        monkeypatch.setattr(kernels, "MIN_ELEMENTS", min_elements)
-        torch.manual_seed(0)
-        maml = MAML(Conv4(n_way=3, hidden=4, image_size=16).double(), F.cross_entropy, 0.4, 2, task_threads=2)
-        maml.meta_loss(tasks).backward()
-        grads.append(torch.cat([p.grad.flatten() for p in maml.parameters()]))
-    assert torch.equal(grads[0], grads[1])

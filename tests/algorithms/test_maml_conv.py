@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fewshot import MAML, TaskBatch
+from fewshot import MAML, TaskBatch, kernels
 from fewshot.models import Conv4
 
 from test_maml import flat_meta_grad, rel_error
@@ -136,3 +136,37 @@ def test_queries_are_scored_in_batches_of_the_meta_training_query_set_size(batch
                 assert not torch.allclose(maml(task.query_x, adapted)[0::4], logits[:3])
     assert torch.allclose(grouped.double(), torch.stack(by_hand_grouped))
     assert torch.allclose(whole.double(), torch.stack(by_hand_whole))
+
+
+def routed_nodes(tensor) -> int:
+    """How many ``fewshot.kernels.ChannelsLastMaxPool2d`` nodes the autograd graph of ``tensor`` holds."""
+    seen, stack, count = set(), [tensor.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        count += type(node).__name__ == "ChannelsLastMaxPool2dBackward"
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return count
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_max_pooling_takes_the_channels_last_route_on_the_looped_path_only(batched, monkeypatch):
+    monkeypatch.setattr(kernels, "MIN_ELEMENTS", 0)  # a tiny net
+    maml = MAML(tiny_conv(), F.cross_entropy, 0.4, 1, batched=batched, task_threads=1)
+    batch = episodes()
+    x, y = batch.query_x[0], batch.query_y[0]
+    loss = maml.meta_loss(batch, first_order=True) if batched else maml._task_loss(maml.meta_parameters(), x, y)
+    assert routed_nodes(loss) == (0 if batched else 4)  # the Conv4's four pools
+    if not batched:  # the forward with adapted parameters, as the task threads and evaluation call it
+        assert routed_nodes(maml(x, maml.meta_parameters())) == 4
+
+
+def test_second_order_meta_gradient_is_the_same_with_and_without_the_channels_last_route(monkeypatch):
+    batch = episodes()
+    grads = []
+    for min_elements in (0, 10**9):  # every pool routed, none routed
+        monkeypatch.setattr(kernels, "MIN_ELEMENTS", min_elements)
+        grads.append(flat_meta_grad(MAML(tiny_conv(), F.cross_entropy, 0.4, 2, task_threads=2), batch))
+    assert torch.equal(grads[0], grads[1])
