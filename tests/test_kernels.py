@@ -1,4 +1,6 @@
-"""The channels-last route for max-pooling gives F.max_pool2d's results bit for bit, to second derivatives."""
+"""The routes of fewshot.kernels: max-pooling gives F.max_pool2d's results bit for bit, to second
+derivatives; convolutions in channels-last give F.conv2d's to rounding, and what follows them runs
+channels-last with the same values."""
 
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ from torch import nn
 from torch.autograd import forward_ad
 from torch.func import vmap
 
+from fewshot import kernels
 from fewshot.kernels import ChannelsLastMaxPool2d, fast_cpu_kernels, max_pool2d
 
 ROUTED = "ChannelsLastMaxPool2dBackward"
@@ -93,3 +96,86 @@ def test_modules_take_the_route_inside_the_context_and_other_inputs_do_not():
     assert torch.equal(batched.squeeze(1), F.max_pool2d(x, 2))
     assert torch.equal(dual_out.primal, F.max_pool2d(x.detach(), 2))
     assert dual_out.tangent is not None
+
+
+def channels_last_only(x) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+CONVOLUTIONS = [  # in_channels, out_channels, F.conv2d keyword arguments
+    (1, 8, dict(padding=1)),  # Omniglot's first layer: a weight contiguous in both layouts
+    (3, 8, dict(stride=2, padding=1)),
+    (6, 8, dict(padding=(1, 2), dilation=(2, 1), groups=2)),
+]
+
+
+@pytest.mark.parametrize("c_in, c_out, options", CONVOLUTIONS)
+def test_convolution_route_gives_conv2d_results_to_rounding_and_channels_last_activations(c_in, c_out, options):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, c_in, 30, 30, generator=g, dtype=torch.float64, requires_grad=True)  # above MIN_ELEMENTS
+    w = torch.randn(c_out, c_in // options.get("groups", 1), 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(c_out, generator=g, dtype=torch.float64, requires_grad=True)
+    gamma = torch.rand(c_out, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def block(conv):  # convolution, batch norm, ReLU and a pool, as in the Conv4 learner
+        y = F.batch_norm(conv(x, w, b, **options), None, None, gamma, None, training=True)
+        return F.max_pool2d(F.relu(y), 2)
+
+    reference = block(F.conv2d)
+    with fast_cpu_kernels():
+        routed = block(F.conv2d)
+    assert channels_last_only(routed)  # the layout followed the convolution through the block
+    assert torch.allclose(routed, reference, rtol=1e-12, atol=1e-12)
+    grad_out = torch.randn(reference.shape, generator=g, dtype=torch.float64)
+    ours = torch.autograd.grad(routed, (x, w, b, gamma), grad_out, create_graph=True)
+    theirs = torch.autograd.grad(reference, (x, w, b, gamma), grad_out, create_graph=True)
+    for a, c in zip(ours, theirs):
+        assert torch.allclose(a, c, rtol=1e-11, atol=1e-11)
+    direction = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in ours]
+    second = [torch.autograd.grad(grads, (w, gamma), direction) for grads in (ours, theirs)]
+    for a, c in zip(*second):  # a second derivative through the routed block, as MAML's second order takes
+        assert torch.allclose(a, c, rtol=1e-10, atol=1e-10)
+
+
+def test_convolution_route_second_derivatives_match_finite_differences():
+    x = torch.randn(3, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda a, b: kernels.conv2d(a, b, padding=1), (x, w))
+
+
+def test_convolution_route_leaves_other_inputs_alone():
+    conv = nn.Conv2d(4, 8, 3, padding=1)
+    x = torch.rand(20, 4, 24, 24)
+    assert not channels_last_only(conv(x))  # outside the context
+    with fast_cpu_kernels():
+        assert channels_last_only(conv(x))
+        assert channels_last_only(torch.conv2d(input=x, weight=conv.weight))  # keyword arguments
+        untouched = [
+            conv(x[0]),  # 3-D input
+            conv(x[:2]),  # too small to gain (kernels.MIN_ELEMENTS)
+            conv.bfloat16()(x.bfloat16()),  # not among the float16/32/64 the routes take
+        ]
+        conv.float()
+        batched = vmap(conv)(x.unsqueeze(1))  # under a torch.func transform: untouched
+    for y in untouched:
+        assert y.is_contiguous()
+    assert batched.squeeze(1).is_contiguous()
+    assert torch.allclose(batched.squeeze(1), conv(x), atol=1e-6)
+
+
+def test_views_of_channels_last_activations_and_outputs_come_back_nchw():
+    x = torch.rand(20, 4, 24, 24)
+    conv = nn.Conv2d(4, 8, 3, padding=1)
+    features = nn.Sequential(conv, nn.ReLU())
+
+    def model(t):  # the common idiom x.view(batch, -1), which needs NCHW strides
+        h = features(t)
+        return h.view(h.shape[0], -1), {"maps": h, "pair": (h, 1)}
+
+    flat, extras = kernels.call(model, x)
+    reference = features(x)
+    assert torch.allclose(flat, reference.view(20, -1), atol=1e-6)
+    for h in (extras["maps"], extras["pair"][0]):
+        assert h.is_contiguous() and torch.allclose(h, reference, atol=1e-6)
+    with fast_cpu_kernels(), pytest.raises(RuntimeError):
+        features(x).view(7, -1)  # a view that is wrong in any layout still fails

@@ -25,14 +25,13 @@ from __future__ import annotations
 import copy
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
-from typing import Callable, ContextManager
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from fewshot.kernels import fast_cpu_kernels
+from fewshot import kernels
 from fewshot.tasks.base import TaskBatch
 
 Params = dict[str, Tensor]
@@ -366,12 +365,10 @@ class MAML(nn.Module):
 
     def _call(self, module: nn.Module, params: Params, x: Tensor) -> Tensor:
         """f_params(x) on ``module`` (this module or a replica of it), with this module's buffers."""
-        with self._kernels():
-            return functional_call(module, {**dict(self.module.named_buffers()), **params}, (x,))
-
-    def _kernels(self) -> ContextManager:
-        """Faster identical CPU kernels (``fewshot.kernels``) on the looped path; under vmap they never apply."""
-        return nullcontext() if self.batched else fast_cpu_kernels()
+        tensors = {**dict(self.module.named_buffers()), **params}
+        if self.batched:  # under vmap the routes of fewshot.kernels never apply
+            return functional_call(module, tensors, (x,))
+        return kernels.call(functional_call, module, tensors, (x,))  # faster CPU kernels
 
     def _replica_loss(self, replica: nn.Module) -> TaskLoss:
         return lambda params, x, y: self.loss_fn(self._call(replica, params, x), y)
