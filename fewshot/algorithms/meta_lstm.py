@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from fewshot import kernels
 from fewshot.algorithms.maml import _PrecomputedGradient
 from fewshot.tasks.base import TaskBatch
 
@@ -138,7 +139,7 @@ class FlatLearner:
     def __call__(self, theta: Tensor, x: Tensor, running_statistics: bool = False) -> Tensor:
         """f_theta(x); batch norm with the batch's statistics (updating the running averages), or with the running averages."""
         self.module.train(not running_statistics)
-        return functional_call(self.module, self.params(theta), (x,))
+        return kernels.call(functional_call, self.module, self.params(theta), (x,))  # faster CPU kernels
 
     def layer_of_coordinate(self) -> tuple[list[str], Tensor]:
         """The learner's layers (modules owning parameters) and each coordinate's layer index (P,)."""

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fewshot import kernels
 from fewshot.tasks.base import TaskBatch
 
 
@@ -47,7 +48,7 @@ class MetricClassifier(nn.Module):
 
     def episode_scores(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
         """One episode: (S, ...), (S,), (Q, ...) -> (Q, N) logits or log-probabilities."""
-        z = self.encoder(torch.cat([support_x, query_x])).flatten(1)  # (S + Q, D), one batch-norm batch
+        z = kernels.call(self.encoder, torch.cat([support_x, query_x])).flatten(1)  # (S + Q, D), one batch-norm batch
         return self.rule(z[: len(support_x)], support_y, z[len(support_x) :], self.n_way)
 
     def scores(self, tasks: TaskBatch) -> Tensor:

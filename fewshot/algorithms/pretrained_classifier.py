@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fewshot import kernels
 from fewshot.algorithms.maml import MAML
 from fewshot.tasks.base import TaskBatch
 
@@ -44,7 +45,7 @@ class PretrainedClassifier(nn.Module):
         x = torch.cat([tasks.support_x, tasks.query_x], dim=1).flatten(0, 1)  # (B*(NK+NQ), C, H, W)
         episode_labels = torch.cat([tasks.support_y, tasks.query_y], dim=1)  # (B, NK+NQ)
         labels = self.class_index[torch.gather(tasks.info, 1, episode_labels)].flatten()
-        return F.cross_entropy(self.head(self.features(x).flatten(1)), labels)
+        return F.cross_entropy(self.head(kernels.call(self.features, x).flatten(1)), labels)
 
     def adaptation_curve(self, tasks: TaskBatch, max_steps: int, query_batch: int | None = None) -> list[Tensor]:
         """Query scores after 0..``max_steps`` fine-tuning steps (``query_batch``: see ``MAML.adaptation_curve``)."""
