@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from fewshot import kernels
+from fewshot import fused, kernels
 from fewshot.tasks.base import TaskBatch
 
 Params = dict[str, Tensor]
@@ -342,6 +342,7 @@ class MAML(nn.Module):
         self._task_loss = self._replica_loss(model)  # (params, x, y) -> loss of f_params(x) on the module itself
         self.task_threads = task_threads
         self._replica_modules: list[nn.Module] = []  # one per thread, made on first use (not submodules)
+        self._fused_twin: list[nn.Module | None] = []  # [the module's fused copy, or None], made on first use
         self._pool: ThreadPoolExecutor | None = None
         self._pool_size = 0
 
@@ -356,7 +357,7 @@ class MAML(nn.Module):
     def _replicas(self, n: int) -> tuple[list[nn.Module], ThreadPoolExecutor]:
         """``n`` replicas of the module (their own parameters are never used) and a pool of ``n`` threads."""
         while len(self._replica_modules) < n:
-            self._replica_modules.append(copy.deepcopy(self.module).requires_grad_(False))
+            self._replica_modules.append((fused.fused_copy(self.module) or copy.deepcopy(self.module)).requires_grad_(False))
         if self._pool is None or self._pool_size < n:
             if self._pool is not None:
                 self._pool.shutdown()
@@ -368,6 +369,13 @@ class MAML(nn.Module):
         tensors = {**dict(self.module.named_buffers()), **params}
         if self.batched:  # under vmap the routes of fewshot.kernels never apply
             return functional_call(module, tensors, (x,))
+        if module is self.module:  # its twin with fused blocks, where it has any (fewshot.fused)
+            if not self._fused_twin:
+                twin = fused.fused_copy(self.module)
+                self._fused_twin.append(twin.requires_grad_(False) if twin is not None else None)
+            module = self._fused_twin[0] or module
+        if module is not self.module:
+            module.train(self.module.training)
         return kernels.call(functional_call, module, tensors, (x,))  # faster CPU kernels
 
     def _replica_loss(self, replica: nn.Module) -> TaskLoss:
@@ -375,7 +383,7 @@ class MAML(nn.Module):
 
     def __getstate__(self):  # a thread pool cannot be pickled or deep-copied; it is rebuilt on use
         state = self.__dict__.copy()
-        state["_pool"], state["_pool_size"], state["_replica_modules"] = None, 0, []
+        state["_pool"], state["_pool_size"], state["_replica_modules"], state["_fused_twin"] = None, 0, [], []
         return state
 
     def meta_parameters(self) -> Params:

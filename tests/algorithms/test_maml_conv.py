@@ -138,9 +138,10 @@ def test_queries_are_scored_in_batches_of_the_meta_training_query_set_size(batch
     assert torch.allclose(whole.double(), torch.stack(by_hand_whole))
 
 
-def pools_by_route(tensor) -> tuple[int, int]:
-    """(pools of channels-last activations, NCHW pools through ChannelsLastMaxPool2d) in the graph of ``tensor``."""
-    seen, stack, channels_last, routed = set(), [tensor.grad_fn], 0, 0
+def pools_by_route(tensor) -> tuple[int, int, int]:
+    """(fused batch-norm/ReLU/pool blocks, pools of channels-last activations, NCHW pools through
+    ChannelsLastMaxPool2d) in the autograd graph of ``tensor``."""
+    seen, stack, fused_blocks, channels_last, routed = set(), [tensor.grad_fn], 0, 0, 0
     while stack:
         node = stack.pop()
         if node is None or node in seen:
@@ -150,8 +151,9 @@ def pools_by_route(tensor) -> tuple[int, int]:
             x = node._saved_self
             channels_last += x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         routed += type(node).__name__ == "ChannelsLastMaxPool2dBackward"
+        fused_blocks += type(node).__name__ == "_BatchNormReLUMaxPool2dFunctionBackward"
         stack.extend(next_node for next_node, _ in node.next_functions)
-    return channels_last, routed
+    return fused_blocks, channels_last, routed
 
 
 @pytest.mark.parametrize("batched", [False, True])
@@ -161,17 +163,18 @@ def test_kernel_routes_apply_on_the_looped_path_only(batched, monkeypatch):
     batch = episodes()
     x, y = batch.query_x[0], batch.query_y[0]
     loss = maml.meta_loss(batch, first_order=True) if batched else maml._task_loss(maml.meta_parameters(), x, y)
-    # looped: the first convolution turns the activations channels-last, so all four pools see them so
-    assert pools_by_route(loss) == ((0, 0) if batched else (4, 0))
+    # looped: the first convolution turns the activations channels-last, and the four
+    # [batch norm, pool, ReLU] blocks run as fused kernels (fewshot.fused)
+    assert pools_by_route(loss) == ((0, 0, 0) if batched else (4, 0, 0))
     if not batched:  # the forward with adapted parameters, as the task threads and evaluation call it
         logits = maml(x, maml.meta_parameters())
-        assert pools_by_route(logits) == (4, 0) and logits.is_contiguous()
+        assert pools_by_route(logits) == (4, 0, 0) and logits.is_contiguous()
 
 
 def test_second_order_meta_gradient_is_the_same_with_and_without_the_kernel_routes(monkeypatch):
     batch = episodes()
     grads = []
-    for min_elements in (0, 10**9):  # every convolution and pool routed, none routed
+    for min_elements in (0, 10**9):  # every convolution routed and block fused, none
         monkeypatch.setattr(kernels, "MIN_ELEMENTS", min_elements)
         grads.append(flat_meta_grad(MAML(tiny_conv(), F.cross_entropy, 0.4, 2, task_threads=2), batch))
     assert rel_error(grads[0], grads[1]) < 1e-13  # float64: the same sums, in another order

@@ -1,0 +1,105 @@
+"""The fused batch-norm/ReLU/pool CPU kernel gives ATen's results (float64 to rounding), to second derivatives."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fewshot import fused, kernels
+from fewshot.fused import batch_norm_relu_max_pool2d, fused_copy, reference
+
+CL = torch.channels_last
+
+
+def block_input(shape, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g, dtype=dtype)
+    x[:, :, :3] = 0.25  # flat patches: windows whose maxima tie
+    w = torch.randn(shape[1], generator=g, dtype=dtype)
+    w[0] = 0.0  # a channel scaled to zero: every window ties
+    b = torch.randn(shape[1], generator=g, dtype=dtype)
+    return x.contiguous(memory_format=CL).requires_grad_(), w.requires_grad_(), b.requires_grad_()
+
+
+def took_kernel(out) -> bool:
+    return type(out.grad_fn).__name__ == "_BatchNormReLUMaxPool2dFunctionBackward"
+
+
+@pytest.mark.parametrize("shape", [(40, 6, 28, 28), (30, 5, 17, 23)])  # odd sizes: a row and column no window pools
+def test_kernel_matches_aten_to_second_derivatives(shape):
+    assert fused.extension() is not None, "the kernel did not compile (a C++ compiler and ninja are needed)"
+    x, w, b = block_input(shape)
+    ours, theirs = batch_norm_relu_max_pool2d(x, w, b), reference(x, w, b, 1e-5)
+    assert took_kernel(ours) and kernels._is_channels_last_only(ours)
+    assert torch.allclose(ours, theirs, rtol=1e-12, atol=1e-12)
+    g = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(theirs.shape, generator=g, dtype=theirs.dtype)
+    first = [torch.autograd.grad(out, (x, w, b), grad_out, create_graph=True) for out in (ours, theirs)]
+    for a, c in zip(*first):
+        assert torch.allclose(a, c, rtol=1e-11, atol=1e-11)
+    direction = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in first[1]]
+    second = [torch.autograd.grad(grads, (x, w, b), direction) for grads in first]  # recomputed through ATen's ops
+    for a, c in zip(*second):
+        assert torch.allclose(a, c, rtol=1e-10, atol=1e-10)
+    (plain,) = torch.autograd.grad(batch_norm_relu_max_pool2d(x, w, b), x, grad_out)  # the kernel's own backward
+    assert torch.allclose(plain, first[1][0], rtol=1e-11, atol=1e-11)
+
+
+def test_float32_kernel_is_as_close_to_float64_as_aten():
+    x, w, b = block_input((75, 64, 28, 28), dtype=torch.float64)  # Omniglot's first block, query batch
+    truth = reference(x, w, b, 1e-5)
+    truth_grad = torch.autograd.grad(truth.sum(), (x, w, b))
+    x32, w32, b32 = (t.detach().float().requires_grad_() for t in (x, w, b))
+    errors = []
+    for out in (batch_norm_relu_max_pool2d(x32, w32, b32), reference(x32, w32, b32, 1e-5)):
+        grads = torch.autograd.grad(out.sum(), (x32, w32, b32))
+        errors.append([((out.double() - truth).norm() / truth.norm()).item()]
+                      + [((g.double() - t).norm() / t.norm()).item() for g, t in zip(grads, truth_grad)])  # fmt: skip
+    ours, aten = errors
+    assert all(e < 1e-5 for e in ours)
+    assert all(o <= 2 * a for o, a in zip(ours, aten))  # statistics summed in double: no worse than ATen
+
+
+def test_non_finite_values_and_other_inputs_take_atens_ops():
+    x, w, b = block_input((40, 6, 28, 28))
+    x_nan = x.detach().clone()
+    x_nan[3, 2, 5, 7] = float("nan")
+    out = batch_norm_relu_max_pool2d(x_nan, w, b)
+    assert not took_kernel(out) and torch.equal(out.isnan(), reference(x_nan, w, b, 1e-5).isnan())
+    for other in (x.detach().contiguous(), x.detach()[:2], x.detach().half()):  # NCHW, too small, float16
+        assert not took_kernel(batch_norm_relu_max_pool2d(other, w.to(other.dtype), b.to(other.dtype)))
+
+
+def conv_net(pool_first=False, blocks=2, **bn_options):
+    torch.manual_seed(0)
+    layers, c = [], 1
+    for _ in range(blocks):
+        pair = [nn.MaxPool2d(2), nn.ReLU()] if pool_first else [nn.ReLU(), nn.MaxPool2d(kernel_size=(2, 2), stride=2)]
+        layers += [nn.Conv2d(c, 8, 3, padding=1), nn.BatchNorm2d(8, **bn_options), *pair]
+        c = 8
+    return nn.Sequential(nn.Sequential(*layers), nn.Flatten(), nn.LazyLinear(3)).double()
+
+
+@pytest.mark.parametrize("pool_first", [False, True])
+def test_fused_copy_keeps_names_and_results(pool_first):
+    model = conv_net(pool_first, track_running_stats=False)
+    x = torch.rand(40, 1, 28, 28, dtype=torch.float64)
+    model(x)  # materialise the lazy head
+    twin = fused_copy(model)
+    assert sum(isinstance(m, fused.BatchNormReLUMaxPool2d) for m in twin.modules()) == 2
+    assert list(dict(twin.named_parameters())) == list(dict(model.named_parameters()))
+    params = dict(model.named_parameters())
+    ours = kernels.call(torch.func.functional_call, twin, params, (x,))
+    theirs = model(x)
+    assert torch.allclose(ours, theirs, rtol=1e-12, atol=1e-12)
+    for a, c in zip(torch.autograd.grad(ours.sum(), list(params.values())), torch.autograd.grad(theirs.sum(), list(params.values()))):
+        assert torch.allclose(a, c, rtol=1e-10, atol=1e-10)
+
+
+def test_blocks_that_are_not_the_pattern_are_left_alone():
+    assert fused_copy(conv_net(track_running_stats=True)) is None  # running statistics: not batch statistics
+    odd_pool = conv_net(track_running_stats=False)
+    odd_pool[0][3] = nn.MaxPool2d(3, 2)
+    twin = fused_copy(odd_pool)
+    assert isinstance(twin[0][3], nn.MaxPool2d) and isinstance(twin[0][5], fused.BatchNormReLUMaxPool2d)
+    assert fused_copy(nn.Sequential(nn.Linear(2, 2), nn.ReLU())) is None
