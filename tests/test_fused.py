@@ -1,5 +1,9 @@
 """The fused batch-norm/ReLU/pool CPU kernel gives ATen's results (float64 to rounding), to second derivatives."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -103,3 +107,20 @@ def test_blocks_that_are_not_the_pattern_are_left_alone():
     twin = fused_copy(odd_pool)
     assert isinstance(twin[0][3], nn.MaxPool2d) and isinstance(twin[0][5], fused.BatchNormReLUMaxPool2d)
     assert fused_copy(nn.Sequential(nn.Linear(2, 2), nn.ReLU())) is None
+
+
+def test_without_the_kernel_nothing_is_fused_and_maml_runs_atens_ops():
+    code = (
+        "import torch, torch.nn.functional as F\n"
+        "from fewshot import MAML, TaskBatch, fused\n"
+        "from fewshot.models import Conv4\n"
+        "model = Conv4(n_way=2, hidden=4, image_size=16)\n"
+        "assert fused.extension() is None and fused.fused_copy(model) is None\n"
+        "x = torch.rand(1, 30, 1, 16, 16); y = torch.arange(2).repeat(15).unsqueeze(0)\n"
+        "maml = MAML(model, F.cross_entropy, 0.4, 1, task_threads=1)\n"
+        "maml.meta_loss(TaskBatch(x, y, x, y)).backward()\n"
+        "assert maml._fused_twin == [None] and all(p.grad is not None for p in model.parameters())\n"
+    )
+    env = {**os.environ, "FEWSHOT_FUSED": "0"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
