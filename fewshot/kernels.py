@@ -77,15 +77,15 @@ class ChannelsLastMaxPool2d(torch.autograd.Function):
         return grad_x, None, None, None, None, None
 
 
-def _plain_cpu_batch(x) -> bool:
-    """A large plain 4-D float CPU tensor, outside torch.func transforms and forward-mode AD."""
+def _plain_cpu_batch(x, min_elements: int | None = None) -> bool:
+    """A large (``MIN_ELEMENTS``) plain 4-D float CPU tensor, outside torch.func transforms and forward-mode AD."""
     return (
         isinstance(x, Tensor)
         and not torch._C._functorch.is_functorch_wrapped_tensor(x)  # vmap / grad transforms: leave to ATen
         and forward_ad.unpack_dual(x).tangent is None  # forward-mode AD: ChannelsLastMaxPool2d has no jvp
         and x.device.type == "cpu"
         and x.dim() == 4
-        and x.numel() >= MIN_ELEMENTS
+        and x.numel() >= (MIN_ELEMENTS if min_elements is None else min_elements)
         and x.dtype in _EXACT_DTYPES
     )
 
@@ -153,7 +153,14 @@ def view(self: Tensor, *shape):
         return Tensor.view(self.contiguous(), *shape)
 
 
-_ROUTES = {F.max_pool2d: max_pool2d, torch.max_pool2d: max_pool2d, torch.conv2d: conv2d, Tensor.view: view}
+def batch_norm(*args, **kwargs) -> Tensor:
+    """``F.batch_norm``, whose second derivative, with batch statistics, is a C++ kernel (``fewshot.fused``)."""
+    from fewshot import fused  # fused imports this module
+
+    return fused.batch_norm(*args, **kwargs)
+
+
+_ROUTES = {F.max_pool2d: max_pool2d, torch.max_pool2d: max_pool2d, torch.conv2d: conv2d, Tensor.view: view, F.batch_norm: batch_norm}
 
 
 class _FastCPUKernels(TorchFunctionMode):

@@ -124,3 +124,27 @@ def test_without_the_kernel_nothing_is_fused_and_maml_runs_atens_ops():
     env = {**os.environ, "FEWSHOT_FUSED": "0"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("which", ["all", "input only", "parameters only"])
+def test_batch_norm_second_and_third_derivatives_match_aten(which):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 6, 7, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    grad_y = torch.randn(5, 6, 7, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    weights = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (x, w, b)]
+
+    def derivatives(routed: bool):
+        with kernels.fast_cpu_kernels() if routed else torch.enable_grad():
+            y = F.batch_norm(x, None, None, w, b, training=True)
+        assert (type(y.grad_fn).__name__ == "_BatchNormBackward") == routed
+        first = torch.autograd.grad(y, (x, w, b), grad_y, create_graph=True)
+        used = {"all": [0, 1, 2], "input only": [0], "parameters only": [1, 2]}[which]  # the others stay undefined
+        scalar = sum((first[i] * weights[i]).sum() for i in used)
+        second = torch.autograd.grad(scalar, (x, w, grad_y), create_graph=True, materialize_grads=True)
+        third = torch.autograd.grad(sum((s * s).sum() for s in second), (x, w, grad_y), materialize_grads=True)
+        return [*first, *second, *third]
+
+    for ours, theirs in zip(derivatives(True), derivatives(False)):
+        assert torch.allclose(ours, theirs, rtol=1e-11, atol=1e-11)
