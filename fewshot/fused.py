@@ -3,8 +3,8 @@
 On the CPU, the block [BatchNorm2d with the batch's statistics, ReLU, MaxPool2d(2)] of
 the paper's conv learner is bound by memory traffic, not arithmetic: ATen reads and
 writes its first-block activations (75x64x28x28, 15 MB, on the Omniglot query batch)
-about six times forward and nine times backward. ``csrc/batch_norm_relu_pool.cpp``
-does the block in two reads and a quarter-size write forward (statistics, then
+about six times forward and nine times backward. ``csrc/batch_norm.cpp`` does the
+block in two reads and a quarter-size write forward (statistics, then
 normalise-max-ReLU per window, keeping which of the four won), and one read and one
 write backward (batch norm's gradient needs dy only at the winners). One thread,
 that block: 6.0 -> 1.5 ms forward, 15 -> 6.4 ms forward + backward (measured).
@@ -33,10 +33,10 @@ MaxPool2d(2), the pool before or after the ReLU) runs as one
 kernel only for large channels-last CPU batches (what ``fewshot.kernels``'s
 convolution route produces), float32 or float64; anything else runs ATen's ops.
 
-The kernel is compiled on first use with PyTorch's C++ extension builder (a C++
+The kernels are compiled on first use with PyTorch's C++ extension builder (a C++
 compiler is needed; about 30 s, once per machine, cached under
-``~/.cache/fewshot/extensions``). Without a compiler, or with ``FEWSHOT_FUSED=0``,
-nothing is fused and everything runs as before.
+``~/.cache/fewshot/extensions``). Without a compiler (warned once), or with
+``FEWSHOT_FUSED=0``, nothing is fused and ATen's ops run as before.
 """
 
 from __future__ import annotations
