@@ -46,6 +46,7 @@ import hashlib
 import os
 import platform
 import sys
+import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -58,6 +59,7 @@ from torch.autograd import forward_ad
 from fewshot import kernels
 
 _SOURCE = Path(__file__).with_name("csrc") / "batch_norm.cpp"
+_FLAGS = ["-O3", "-march=native"]
 _lock = threading.Lock()
 _extension = None  # the compiled module; False once it failed
 
@@ -68,7 +70,7 @@ def _machine_tag() -> str:
         cpu = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         cpu = platform.processor()
-    key = "|".join([cpu, platform.machine(), torch.__version__, sys.version, _SOURCE.read_text()])
+    key = "|".join([cpu, platform.machine(), torch.__version__, sys.version, sys.prefix, str(_SOURCE), *_FLAGS, _SOURCE.read_text()])
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -90,11 +92,14 @@ def _build():
     try:
         from torch.utils.cpp_extension import load
 
-        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError:  # a read-only home: build in a temporary directory, for this process
+            directory = Path(tempfile.mkdtemp(prefix=name))
         if not any(directory.glob("*.so")):
             print("fewshot: compiling the batch-norm CPU kernels (once per machine, about 30 s)",
                   file=sys.stderr, flush=True)  # fmt: skip
-        return load(name=name, sources=[str(_SOURCE)], extra_cflags=["-O3", "-march=native"],
+        return load(name=name, sources=[str(_SOURCE)], extra_cflags=_FLAGS,
                     build_directory=str(directory), verbose=False)  # fmt: skip
     except Exception as error:  # no compiler, no ninja, a read-only home: run ATen's ops instead
         warnings.warn(f"fewshot: the batch-norm CPU kernels are not available "
@@ -107,11 +112,20 @@ def reference(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     return F.max_pool2d(F.relu(F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)), 2)
 
 
+class _Computed:
+    """The kernel's results, handed to the autograd Function as a non-tensor argument (so its output is not an input)."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+
 class _BatchNormReLUMaxPool2dFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, out, argmax, mean, invstd):
+    def forward(ctx, x, weight, bias, eps, computed):
+        out, argmax, mean, invstd = computed.tensors
+        computed.tensors = None
         ctx.eps = eps
-        ctx.save_for_backward(x, weight, bias, out, argmax, mean, invstd)
+        ctx.save_for_backward(x, weight, bias, out, argmax, mean, invstd)  # out: where the ReLU passed
         return out
 
     @staticmethod
@@ -122,9 +136,9 @@ class _BatchNormReLUMaxPool2dFunction(torch.autograd.Function):
             inputs = [t for t, need in zip((x, weight, bias), needs) if need]
             with torch.enable_grad():
                 grads = iter(torch.autograd.grad(reference(x, weight, bias, ctx.eps), inputs, grad_out, create_graph=True))
-            return (*(next(grads) if need else None for need in needs), None, None, None, None, None)
+            return (*(next(grads) if need else None for need in needs), None, None)
         grad_x, grad_weight, grad_bias = extension().backward(grad_out, x, out, argmax, mean, invstd, weight)
-        return (*(g if need else None for g, need in zip((grad_x, grad_weight, grad_bias), needs)), None, None, None, None, None)
+        return (*(g if need else None for g, need in zip((grad_x, grad_weight, grad_bias), needs)), None, None)
 
 
 def _plain_parameter(t, x: Tensor) -> bool:
@@ -155,7 +169,7 @@ def batch_norm_relu_max_pool2d(x: Tensor, weight: Tensor, bias: Tensor, eps: flo
     if _takes_kernel(x, weight, bias):
         result = extension().forward(x.detach(), weight.detach(), bias.detach(), eps)
         if result:  # empty where something is not finite
-            return _BatchNormReLUMaxPool2dFunction.apply(x, weight, bias, eps, *result)
+            return _BatchNormReLUMaxPool2dFunction.apply(x, weight, bias, eps, _Computed(result))
     return reference(x, weight, bias, eps)
 
 
@@ -247,25 +261,46 @@ class _BatchNormBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gg_x, gg_weight, gg_bias):
         x, weight, mean, invstd, grad_y = ctx.saved_tensors
-        if torch.is_grad_enabled():  # a third derivative: recompute the backward with ATen's ops, under autograd
-            with torch.enable_grad():
-                y = F.batch_norm(x, None, None, weight, None, True, 0.0, ctx.eps)
-                first = (*torch.autograd.grad(y, (x, weight), grad_y, create_graph=True), grad_y.sum((0, *range(2, x.dim()))))
-                gg = [g if g is not None else torch.zeros_like(f) for g, f in zip((gg_x, gg_weight, gg_bias), first)]
-                grad_x, grad_weight, grad_grad_y = torch.autograd.grad(first, (x, weight, grad_y), gg, create_graph=True, allow_unused=True)
-            return grad_x, grad_weight, None, None, grad_grad_y, None
+        if torch.is_grad_enabled():  # a graph of this backward is asked for: the same formulas in differentiable ops
+            return (*_double_backward_ops(x, weight, grad_y, gg_x, gg_weight, gg_bias, ctx.eps), None)
         grad_x, grad_grad_y, grad_weight = extension().double_backward(x, grad_y, gg_x, gg_weight, gg_bias, weight, mean.double(), invstd.double())
         return grad_x, grad_weight, None, None, grad_grad_y, None
+
+
+def _double_backward_ops(x, weight, grad_y, gg_x, gg_weight, gg_bias, eps):
+    """(d/dx, d/dweight, None, None, d/dgrad_y) of <gg, batch norm's backward>: the C++ kernel's formulas
+    written with differentiable ops, the statistics recomputed from x, so derivatives of every order follow."""
+    dims, shape = (0, *range(2, x.dim())), (1, -1) + (1,) * (x.dim() - 2)
+    m = x.numel() // x.shape[1]
+    mean = x.mean(dims, keepdim=True)
+    invstd = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
+    xh = (x - mean) * invstd
+    gamma = weight.view(shape)
+
+    def backward_operator(v):  # P(v) = invstd * (v - mean(v) - xh * mean(v * xh))
+        return invstd * (v - v.mean(dims, keepdim=True) - xh * (v * xh).mean(dims, keepdim=True))
+
+    gg_x = torch.zeros_like(x) if gg_x is None else gg_x
+    gg_weight = 0.0 if gg_weight is None else gg_weight.view(shape)
+    gg_bias = 0.0 if gg_bias is None else gg_bias.view(shape)
+    a, b = grad_y.mean(dims, keepdim=True), (grad_y * xh).mean(dims, keepdim=True)
+    s1 = (gg_x * (grad_y - a - xh * b)).sum(dims, keepdim=True)
+    s2 = (gg_x * xh).sum(dims, keepdim=True)
+    p_dy, p_gg = backward_operator(grad_y), backward_operator(gg_x)
+    grad_x = gamma * (-invstd**2 * s1 / m * xh - invstd * b * p_gg - invstd * s2 / m * p_dy) + gg_weight * p_dy
+    grad_grad_y = gamma * p_gg + gg_weight * xh + gg_bias
+    return grad_x, (invstd * s1).view(-1), None, None, grad_grad_y
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
     """``F.batch_norm``; with batch statistics of a 4-D float32/64 CPU batch, through ``_BatchNorm``."""
     if (
-        (training or running_mean is None)  # F.batch_norm uses the batch's statistics then
+        training  # F.batch_norm itself refuses evaluation without running statistics
         and running_mean is None
         and running_var is None
         and kernels._plain_cpu_batch(input, min_elements=0)
         and input.dtype in (torch.float32, torch.float64)
+        and input.numel() > input.shape[1]  # one value per channel: F.batch_norm's own error
         and all(_plain_parameter(t, input) for t in (weight, bias))
         and extension() is not None
     ):

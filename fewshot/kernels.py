@@ -143,14 +143,15 @@ def conv2d(input: Tensor, weight: Tensor, *args, **kwargs) -> Tensor:
     return F.conv2d(input, weight, *args, **kwargs)
 
 
-def view(self: Tensor, *shape):
-    """``Tensor.view``; for a channels-last activation that cannot be viewed so, a view of a contiguous copy."""
+def view(self: Tensor, *args, **kwargs):
+    """``Tensor.view``; for a channels-last activation that cannot be viewed so, a view of a contiguous copy
+    (as ``reshape`` gives: writing into it in place does not reach the activation)."""
     try:
-        return Tensor.view(self, *shape)
+        return Tensor.view(self, *args, **kwargs)
     except RuntimeError:
         if not (isinstance(self, Tensor) and _is_channels_last_only(self)):
             raise
-        return Tensor.view(self.contiguous(), *shape)
+        return Tensor.view(self.contiguous(), *args, **kwargs)
 
 
 def batch_norm(*args, **kwargs) -> Tensor:

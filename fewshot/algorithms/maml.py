@@ -234,6 +234,10 @@ class _PrecomputedGradient(torch.autograd.Function):
         return (None, None, *(grad_output * g for g in ctx.grads))
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
 def functional_loss(module: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor]) -> TaskLoss:
     """``(params, x, y) -> loss_fn(module(x) with params, y)``; buffers are the module's own."""
     buffers = dict(module.named_buffers())
@@ -357,7 +361,8 @@ class MAML(nn.Module):
     def _replicas(self, n: int) -> tuple[list[nn.Module], ThreadPoolExecutor]:
         """``n`` replicas of the module (their own parameters are never used) and a pool of ``n`` threads."""
         while len(self._replica_modules) < n:
-            self._replica_modules.append((fused.fused_copy(self.module) or copy.deepcopy(self.module)).requires_grad_(False))
+            twin = None if _has_hooks(self.module) else fused.fused_copy(self.module)  # fusing would drop the hooks
+            self._replica_modules.append((twin or copy.deepcopy(self.module)).requires_grad_(False))
         if self._pool is None or self._pool_size < n:
             if self._pool is not None:
                 self._pool.shutdown()
@@ -369,7 +374,7 @@ class MAML(nn.Module):
         tensors = {**dict(self.module.named_buffers()), **params}
         if self.batched:  # under vmap the routes of fewshot.kernels never apply
             return functional_call(module, tensors, (x,))
-        if module is self.module:  # its twin with fused blocks, where it has any (fewshot.fused)
+        if module is self.module and self._twin_can_stand_in(params):  # its twin with fused blocks (fewshot.fused)
             if not self._fused_twin:
                 twin = fused.fused_copy(self.module)
                 self._fused_twin.append(twin.requires_grad_(False) if twin is not None else None)
@@ -377,6 +382,11 @@ class MAML(nn.Module):
         if module is not self.module:
             module.train(self.module.training)
         return kernels.call(functional_call, module, tensors, (x,))  # faster CPU kernels
+
+    def _twin_can_stand_in(self, params: Params) -> bool:
+        """A copy made once runs only with every parameter given and no hooks on the module (they would not fire)."""
+        names = [n for n, _ in self.module.named_parameters()]
+        return len(params) >= len(names) and all(n in params for n in names) and not _has_hooks(self.module)
 
     def _replica_loss(self, replica: nn.Module) -> TaskLoss:
         return lambda params, x, y: self.loss_fn(self._call(replica, params, x), y)

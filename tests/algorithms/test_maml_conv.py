@@ -178,3 +178,20 @@ def test_second_order_meta_gradient_is_the_same_with_and_without_the_kernel_rout
         monkeypatch.setattr(kernels, "MIN_ELEMENTS", min_elements)
         grads.append(flat_meta_grad(MAML(tiny_conv(), F.cross_entropy, 0.4, 2, task_threads=2), batch))
     assert rel_error(grads[0], grads[1]) < 1e-13  # float64: the same sums, in another order
+
+
+def test_forward_with_some_parameters_or_with_hooks_runs_the_module_itself():
+    maml = MAML(tiny_conv(), F.cross_entropy, 0.4, 1, task_threads=1)
+    x = episodes().query_x[0]
+    maml(x, maml.meta_parameters())  # the fused twin is made here, a copy of the parameters of now
+    assert maml._fused_twin and maml._fused_twin[0] is not None
+    with torch.no_grad():
+        for p in maml.module.features.parameters():
+            p.add_(0.1)  # an optimizer step
+    head_only = {n: 2 * p for n, p in maml.meta_parameters().items() if n.startswith("head")}
+    expected = torch.func.functional_call(maml.module, head_only, (x,))  # the rest: the live parameters
+    assert torch.allclose(maml(x, head_only), expected, rtol=1e-12, atol=1e-12)
+    calls = []
+    maml.module.features[0].register_forward_hook(lambda *args: calls.append(1))
+    maml(x, maml.meta_parameters())
+    assert calls == [1]  # a hook on the user's module fires
