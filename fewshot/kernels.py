@@ -184,6 +184,8 @@ def _nchw(output):
         return output.contiguous() if _is_channels_last_only(output) else output
     if type(output) in (tuple, list):
         return type(output)(_nchw(o) for o in output)
+    if isinstance(output, tuple) and hasattr(output, "_fields"):  # a namedtuple
+        return type(output)(*(_nchw(o) for o in output))
     if type(output) is dict:
         return {k: _nchw(v) for k, v in output.items()}
     return output

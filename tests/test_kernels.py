@@ -2,6 +2,8 @@
 derivatives; convolutions in channels-last give F.conv2d's to rounding, and what follows them runs
 channels-last with the same values."""
 
+from collections import namedtuple
+
 import numpy as np
 import pytest
 import torch
@@ -173,6 +175,8 @@ def test_views_of_channels_last_activations_and_outputs_come_back_nchw():
         return h.view(h.shape[0], -1), {"maps": h, "pair": (h, 1)}
 
     flat, extras = kernels.call(model, x)
+    Pair = namedtuple("Pair", "maps extra")
+    assert kernels.call(lambda t: Pair(features(t), 1), x).maps.is_contiguous()
     reference = features(x)
     assert torch.allclose(flat, reference.view(20, -1), atol=1e-6)
     for h in (extras["maps"], extras["pair"][0]):
