@@ -1,6 +1,6 @@
 """Faster routes for CPU kernels that measured slow (issue 6, BENCHMARKS.md "Omniglot speed").
 
-Two routes, both inside ``fast_cpu_kernels()``:
+Routes inside ``fast_cpu_kernels()``:
 
 **Convolutions in channels-last.** ATen's batch norm, ReLU and pooling kernels for
 NCHW CPU tensors run well below memory speed; their channels-last kernels do not
@@ -27,6 +27,9 @@ unchanged bit for bit (``tests/test_kernels.py``).
 Both take plain 4-D float16/32/64 CPU tensors of at least ``MIN_ELEMENTS``
 elements; anything else runs untouched, as do calls under ``torch.func``
 transforms, forward-mode AD and ``torch.compile``.
+
+A third route sends ``F.batch_norm`` with batch statistics (any size) to
+``fewshot.fused.batch_norm``, whose second derivative is a C++ kernel.
 """
 
 from __future__ import annotations
