@@ -80,13 +80,20 @@ class ChannelsLastMaxPool2d(torch.autograd.Function):
         return grad_x, None, None, None, None, None
 
 
+def _plain_cpu(t) -> bool:
+    """A CPU tensor outside torch.func transforms and forward-mode AD (the routes' Functions have no jvp)."""
+    return (
+        isinstance(t, Tensor)
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)  # vmap / grad transforms: leave to ATen
+        and forward_ad.unpack_dual(t).tangent is None
+        and t.device.type == "cpu"
+    )
+
+
 def _plain_cpu_batch(x, min_elements: int | None = None) -> bool:
     """A large (``MIN_ELEMENTS``) plain 4-D float CPU tensor, outside torch.func transforms and forward-mode AD."""
     return (
-        isinstance(x, Tensor)
-        and not torch._C._functorch.is_functorch_wrapped_tensor(x)  # vmap / grad transforms: leave to ATen
-        and forward_ad.unpack_dual(x).tangent is None  # forward-mode AD: ChannelsLastMaxPool2d has no jvp
-        and x.device.type == "cpu"
+        _plain_cpu(x)
         and x.dim() == 4
         and x.numel() >= (MIN_ELEMENTS if min_elements is None else min_elements)
         and x.dtype in _EXACT_DTYPES
@@ -135,12 +142,10 @@ def conv2d(input: Tensor, weight: Tensor, *args, **kwargs) -> Tensor:
     """``F.conv2d``, in channels-last for a large NCHW CPU batch (module docstring)."""
     if (
         _plain_cpu_batch(input)
-        and isinstance(weight, Tensor)
+        and _plain_cpu(weight)
         and weight.dim() == 4
         and weight.dtype == input.dtype
         and not _is_channels_last_only(weight)
-        and not torch._C._functorch.is_functorch_wrapped_tensor(weight)
-        and forward_ad.unpack_dual(weight).tangent is None
     ):
         weight = channels_last_weight(weight)
     return F.conv2d(input, weight, *args, **kwargs)

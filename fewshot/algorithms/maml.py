@@ -361,8 +361,7 @@ class MAML(nn.Module):
     def _replicas(self, n: int) -> tuple[list[nn.Module], ThreadPoolExecutor]:
         """``n`` replicas of the module (their own parameters are never used) and a pool of ``n`` threads."""
         while len(self._replica_modules) < n:
-            twin = None if _has_hooks(self.module) else fused.fused_copy(self.module)  # fusing would drop the hooks
-            self._replica_modules.append((twin or copy.deepcopy(self.module)).requires_grad_(False))
+            self._replica_modules.append(self._fused_copy() or copy.deepcopy(self.module).requires_grad_(False))
         if self._pool is None or self._pool_size < n:
             if self._pool is not None:
                 self._pool.shutdown()
@@ -376,12 +375,17 @@ class MAML(nn.Module):
             return functional_call(module, tensors, (x,))
         if module is self.module and self._twin_can_stand_in(params):  # its twin with fused blocks (fewshot.fused)
             if not self._fused_twin:
-                twin = fused.fused_copy(self.module)
-                self._fused_twin.append(twin.requires_grad_(False) if twin is not None else None)
+                self._fused_twin.append(self._fused_copy())
             module = self._fused_twin[0] or module
         if module is not self.module:
             module.train(self.module.training)
         return kernels.call(functional_call, module, tensors, (x,))  # faster CPU kernels
+
+    def _fused_copy(self) -> nn.Module | None:
+        """A copy of the module with fused blocks (``fewshot.fused``), its own parameters never used;
+        None where nothing fuses, or where the module has hooks (fusing would drop them)."""
+        twin = None if _has_hooks(self.module) else fused.fused_copy(self.module)
+        return twin.requires_grad_(False) if twin is not None else None
 
     def _twin_can_stand_in(self, params: Params) -> bool:
         """A copy made once runs only with every parameter given and no hooks on the module (they would not fire)."""
