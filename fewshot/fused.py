@@ -11,10 +11,14 @@ that block: 6.0 -> 1.5 ms forward, 15 -> 6.4 ms forward + backward (measured).
 
 It is the same function: float64 results agree with ATen's ops to 1e-14; the first
 maximum of each window in ATen's scan order wins; NaN or infinite inputs or
-parameters fall back to ATen's ops, which propagate them as they do. The backward is
-first order; where a graph of the backward itself is asked for (``create_graph``,
-MAML's second order through the support pass) the block is recomputed with ATen's
-ops and differentiated by autograd, so every derivative order stays right.
+parameters fall back to ATen's ops, which propagate them as they do. Where a graph of
+the backward itself is asked for (``create_graph``, MAML's second order through the
+support pass), the backward is a Function of its own whose backward is batch norm's
+second derivative (below) at the block's gradient carried to each window's winner:
+ReLU and pooling are fixed linear maps at a given x. Before, that case recomputed the
+block with ATen's ops: one thread, a 20-way 1-shot task (5 steps, second order)
+took 653 ms, 548 ms with this, and 432 ms once the small support batches took the
+kernels too (``fewshot.kernels.MIN_ELEMENTS``).
 
 Batch norm's second derivative (second-order MAML differentiates the support pass's
 backward) takes ATen about 25 elementwise ops over the activations; the kernel does it
@@ -22,7 +26,8 @@ in two passes (``double_backward`` in the C++ file has the formulas). Inside
 ``fewshot.kernels.fast_cpu_kernels()``, ``F.batch_norm`` with batch statistics of a 4-D
 float32/64 CPU batch runs ATen's forward and backward through ``batch_norm`` below, whose
 backward's backward is that kernel: one 5x64x28x28 support batch, forward, backward and
-double backward on one thread, 4.3 -> 1.6 ms. Float64 agrees with ATen to 1e-15. Where a
+double backward on one thread, 4.3 -> 1.6 ms. It takes NCHW and channels-last batches.
+Float64 agrees with ATen to 1e-15. Where a
 graph of that double backward is asked for, the same formulas run as differentiable ops
 with the statistics recomputed from x (third derivatives checked against central
 differences: ATen's own treats its saved statistics as constants).
@@ -32,8 +37,8 @@ differences: ATen's own treats its saved statistics as constants).
 MaxPool2d(2), the pool before or after the ReLU) runs as one
 ``BatchNormReLUMaxPool2d`` with the batch norm's parameter names, so
 ``functional_call`` with the original parameter names drives it. The block takes the
-kernel only for large channels-last CPU batches (what ``fewshot.kernels``'s
-convolution route produces), float32 or float64; anything else runs ATen's ops.
+kernel only for channels-last CPU batches (what ``fewshot.kernels``'s convolution
+route produces), float32 or float64; anything else runs ATen's ops.
 
 The kernels are compiled on first use with PyTorch's C++ extension builder (a C++
 compiler is needed; about 30 s, once per machine, cached under
@@ -133,13 +138,68 @@ class _BatchNormReLUMaxPool2dFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, bias, out, argmax, mean, invstd = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():  # create_graph: recompute with ATen's ops so the backward has a graph too
-            inputs = [t for t, need in zip((x, weight, bias), needs) if need]
-            with torch.enable_grad():
-                grads = iter(torch.autograd.grad(reference(x, weight, bias, ctx.eps), inputs, grad_out, create_graph=True))
-            return (*(next(grads) if need else None for need in needs), None, None)
-        grad_x, grad_weight, grad_bias = extension().backward(grad_out, x, out, argmax, mean, invstd, weight)
-        return (*(g if need else None for g, need in zip((grad_x, grad_weight, grad_bias), needs)), None, None)
+        if torch.is_grad_enabled():  # create_graph: the same kernel, as a Function with a backward of its own
+            grads = _BatchNormReLUMaxPool2dBackward.apply(grad_out, x, weight, bias, out.detach(), argmax, mean, invstd, ctx.eps)
+        else:
+            grads = extension().backward(grad_out, x, out, argmax, mean, invstd, weight)
+        return (*(g if need else None for g, need in zip(grads, needs)), None, None)
+
+
+class _BatchNormReLUMaxPool2dBackward(torch.autograd.Function):
+    """The block's (grad_x, grad_weight, grad_bias) by the kernel; its own backward is batch norm's second
+    derivative at dy = the block's gradient carried to each window's winner where the ReLU passed (ReLU and
+    pooling are piecewise linear: at a given x they are fixed linear maps, with no second derivative). The
+    bias is an input so that its (zero) second derivative is there, as with ATen's ops."""
+
+    @staticmethod
+    def forward(ctx, grad_out, x, weight, bias, out, argmax, mean, invstd, eps):
+        ctx.eps = eps
+        ctx.save_for_backward(grad_out, x, weight, out, argmax, mean, invstd)
+        return tuple(extension().backward(grad_out, x, out, argmax, mean, invstd, weight))
+
+    @staticmethod
+    def backward(ctx, gg_x, gg_weight, gg_bias):
+        grad_out, x, weight, out, argmax, mean, invstd = ctx.saved_tensors
+        height, width = x.shape[2:]
+        if torch.is_grad_enabled():  # a graph of this backward too: differentiable ops (as _BatchNormBackward)
+            grad_y = _ToWinners.apply(grad_out, out, argmax, height, width)
+            grad_x, grad_weight, _, _, grad_grad_y = _double_backward_ops(x, weight, grad_y, gg_x, gg_weight, gg_bias, ctx.eps)
+            grad_grad_out = _FromWinners.apply(grad_grad_y, out, argmax)
+        else:
+            grad_y = extension().to_winners(grad_out, out, argmax, height, width)
+            grad_x, grad_grad_y, grad_weight = extension().double_backward(x, grad_y, gg_x, gg_weight, gg_bias, weight, mean, invstd)
+            grad_grad_out = extension().from_winners(grad_grad_y, out, argmax)
+        grad_bias = torch.zeros_like(weight) if ctx.needs_input_grad[3] else None
+        return grad_grad_out, grad_x, grad_weight, grad_bias, None, None, None, None, None
+
+
+class _ToWinners(torch.autograd.Function):
+    """A block-output-sized gradient at each window's winner where the ReLU passed, zero elsewhere (linear)."""
+
+    @staticmethod
+    def forward(ctx, grad_out, out, argmax, height, width):
+        ctx.save_for_backward(out, argmax)
+        return extension().to_winners(grad_out, out, argmax, height, width)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, argmax = ctx.saved_tensors
+        return _FromWinners.apply(grad, out, argmax), None, None, None, None
+
+
+class _FromWinners(torch.autograd.Function):
+    """The adjoint of ``_ToWinners``: each window's winner where the ReLU passed."""
+
+    @staticmethod
+    def forward(ctx, grad, out, argmax):
+        ctx.save_for_backward(out, argmax)
+        ctx.size = grad.shape[2:]
+        return extension().from_winners(grad, out, argmax)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        out, argmax = ctx.saved_tensors
+        return _ToWinners.apply(grad_out, out, argmax, *ctx.size), None, None
 
 
 def _plain_parameter(t, x: Tensor) -> bool:

@@ -24,9 +24,10 @@ argmax indices (the first maximum of each window, in the same scan order), so th
 backward is ATen's own, from the NCHW input, and every order of derivative is
 unchanged bit for bit (``tests/test_kernels.py``).
 
-Both take plain 4-D float16/32/64 CPU tensors of at least ``MIN_ELEMENTS``
-elements; anything else runs untouched, as do calls under ``torch.func``
-transforms, forward-mode AD and ``torch.compile``.
+Both take plain 4-D float16/32/64 CPU tensors (the pooling route from
+``POOL_MIN_ELEMENTS`` elements on, the convolution route of any size, as the fused
+block of ``fewshot.fused``); anything else runs untouched, as do calls under
+``torch.func`` transforms, forward-mode AD and ``torch.compile``.
 
 A third route sends ``F.batch_norm`` with batch statistics (any size) to
 ``fewshot.fused.batch_norm``, whose second derivative is a C++ kernel.
@@ -47,10 +48,14 @@ _aten = torch.ops.aten
 
 
 _EXACT_DTYPES = (torch.float16, torch.float32, torch.float64)  # bfloat16: a NaN window's payload differs
-# Below about this many input elements the two copies cost more than the NCHW kernel loses
-# (one thread, 2x2 pools of 64 channels: 0.14 vs 0.06 ms at 2,880 elements, even at 43,200,
-# 2.2x faster at 235,200).
-MIN_ELEMENTS = 32_768
+# The pooling route: below about this many input elements its two copies cost more than the NCHW
+# kernel loses (one thread, 2x2 pools of 64 channels: 0.14 vs 0.06 ms at 2,880 elements, even at
+# 43,200, 2.2x faster at 235,200).
+POOL_MIN_ELEMENTS = 32_768
+# The convolution route and the fused block: from any size. With the block's second derivative in
+# C++ the small support batches gain too (one thread, a 20-way 1-shot task, 5 steps, second order:
+# 548 -> 432 ms per task; BENCHMARKS.md "Omniglot speed"). Tests set it high to turn both off.
+MIN_ELEMENTS = 0
 
 
 def _pair(value) -> list[int]:
@@ -91,7 +96,8 @@ def _plain_cpu(t) -> bool:
 
 
 def _plain_cpu_batch(x, min_elements: int | None = None) -> bool:
-    """A large (``MIN_ELEMENTS``) plain 4-D float CPU tensor, outside torch.func transforms and forward-mode AD."""
+    """A plain 4-D float CPU tensor of at least ``min_elements`` (default ``MIN_ELEMENTS``) elements, outside
+    torch.func transforms and forward-mode AD."""
     return (
         _plain_cpu(x)
         and x.dim() == 4
@@ -102,7 +108,7 @@ def _plain_cpu_batch(x, min_elements: int | None = None) -> bool:
 
 def _takes_channels_last_route(x) -> bool:
     return (
-        _plain_cpu_batch(x)
+        _plain_cpu_batch(x, POOL_MIN_ELEMENTS)
         and x.is_contiguous()
         and not x.is_contiguous(memory_format=torch.channels_last)  # ATen already uses the fast kernel then
     )

@@ -37,16 +37,38 @@ def test_kernel_matches_aten_to_second_derivatives(shape):
     assert took_kernel(ours) and kernels._is_channels_last_only(ours)
     assert torch.allclose(ours, theirs, rtol=1e-12, atol=1e-12)
     g = torch.Generator().manual_seed(1)
-    grad_out = torch.randn(theirs.shape, generator=g, dtype=theirs.dtype)
-    first = [torch.autograd.grad(out, (x, w, b), grad_out, create_graph=True) for out in (ours, theirs)]
+    cubic = torch.randn(theirs.shape, generator=g, dtype=theirs.dtype)  # a gradient at the block's output that depends on x
+    first = [torch.autograd.grad((cubic * out**3).sum(), (x, w, b), create_graph=True) for out in (ours, theirs)]
+    assert type(first[0][0].grad_fn).__name__ == "_BatchNormReLUMaxPool2dBackwardBackward"
     for a, c in zip(*first):
         assert torch.allclose(a, c, rtol=1e-11, atol=1e-11)
     direction = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in first[1]]
-    second = [torch.autograd.grad(grads, (x, w, b), direction) for grads in first]  # recomputed through ATen's ops
-    for a, c in zip(*second):
-        assert torch.allclose(a, c, rtol=1e-10, atol=1e-10)
-    (plain,) = torch.autograd.grad(batch_norm_relu_max_pool2d(x, w, b), x, grad_out)  # the kernel's own backward
+    second = [torch.autograd.grad(grads, (x, w, b), direction, retain_graph=True) for grads in first]  # ours: C++
+    second_ops = torch.autograd.grad(first[0], (x, w, b), direction, create_graph=True)  # ours: differentiable ops
+    for a, c, d in zip(*second, second_ops):
+        assert torch.allclose(a, c, rtol=1e-10, atol=1e-10) and torch.allclose(d, c, rtol=1e-10, atol=1e-10)
+    (plain,) = torch.autograd.grad((cubic * batch_norm_relu_max_pool2d(x, w, b) ** 3).sum(), x)  # the kernel's own backward
     assert torch.allclose(plain, first[1][0], rtol=1e-11, atol=1e-11)
+
+
+def test_block_third_derivative_matches_central_differences():
+    x, w, b = block_input((6, 4, 10, 12))
+    g = torch.Generator().manual_seed(3)
+    cubic = torch.randn(6, 4, 5, 6, generator=g, dtype=torch.float64)
+    direction = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (x, w, b)]
+
+    def second(point, create_graph):
+        first = torch.autograd.grad((cubic * batch_norm_relu_max_pool2d(point, w, b) ** 3).sum(), (point, w, b), create_graph=True)
+        scalar = sum((f * d).sum() for f, d in zip(first, direction))
+        grads = torch.autograd.grad(scalar, (point, w), create_graph=create_graph)
+        return sum((s * s).sum() for s in grads)
+
+    (third,) = torch.autograd.grad(second(x, create_graph=True), x)
+    v = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    eps = 1e-6
+    at = [(x + sign * eps * v).detach().contiguous(memory_format=CL).requires_grad_() for sign in (1, -1)]
+    estimate = (second(at[0], False) - second(at[1], False)) / (2 * eps)  # the C++ second derivative
+    assert abs((third * v).sum() - estimate) < 1e-6 * abs(estimate)
 
 
 def test_float32_kernel_is_as_close_to_float64_as_aten():
@@ -70,8 +92,9 @@ def test_non_finite_values_and_other_inputs_take_atens_ops():
     x_nan[3, 2, 5, 7] = float("nan")
     out = batch_norm_relu_max_pool2d(x_nan, w, b)
     assert not took_kernel(out) and torch.equal(out.isnan(), reference(x_nan, w, b, 1e-5).isnan())
-    for other in (x.detach().contiguous(), x.detach()[:2], x.detach().half()):  # NCHW, too small, float16
+    for other in (x.detach().contiguous(), x.detach().half()):  # NCHW, float16
         assert not took_kernel(batch_norm_relu_max_pool2d(other, w.to(other.dtype), b.to(other.dtype)))
+    assert took_kernel(batch_norm_relu_max_pool2d(x[:1], w, b))  # one image: any batch size
 
 
 def conv_net(pool_first=False, blocks=2, **bn_options):
@@ -142,10 +165,11 @@ class CountingExtension:
         return counted
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, CL])
 @pytest.mark.parametrize("which", ["all", "input only", "parameters only"])
-def test_batch_norm_second_and_third_derivatives_match_aten(which, monkeypatch):
+def test_batch_norm_second_and_third_derivatives_match_aten(which, layout, monkeypatch):
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(5, 6, 7, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(5, 6, 7, 9, generator=g, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
     w = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
     cubic = torch.randn(5, 6, 7, 9, generator=g, dtype=torch.float64)

@@ -29,7 +29,7 @@ POOLINGS = [  # kernel_size, stride, padding, dilation, ceil_mode
 def images_with_ties(dtype, seed=0):
     """ReLU'd noise with flat patches, as blank Omniglot background gives: windows whose maxima tie."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(4, 16, 23, 25, generator=g, dtype=dtype)  # above kernels.MIN_ELEMENTS
+    x = torch.randn(4, 16, 23, 25, generator=g, dtype=dtype)  # above kernels.POOL_MIN_ELEMENTS
     x[:, :, :4, :6] = 0.5
     x[:, 1:, 5:, 3:] = 0.0
     return x.relu()
@@ -84,7 +84,7 @@ def test_modules_take_the_route_inside_the_context_and_other_inputs_do_not():
             assert torch.equal(y, F.max_pool2d(x.detach(), 2))
         untouched = [
             pool(x[0]),  # 3-D input
-            pool(x[:1, :8].contiguous()),  # too small to gain (kernels.MIN_ELEMENTS)
+            pool(x[:1, :8].contiguous()),  # too small to gain (kernels.POOL_MIN_ELEMENTS)
             pool(x.contiguous(memory_format=torch.channels_last)),  # ATen's fast kernel already
             F.max_pool2d(x, 2, return_indices=True)[0],
             pool(x.detach().bfloat16().requires_grad_()),  # a NaN's payload would differ
@@ -114,7 +114,7 @@ CONVOLUTIONS = [  # in_channels, out_channels, F.conv2d keyword arguments
 @pytest.mark.parametrize("c_in, c_out, options", CONVOLUTIONS)
 def test_convolution_route_gives_conv2d_results_to_rounding_and_channels_last_activations(c_in, c_out, options):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(40, c_in, 30, 30, generator=g, dtype=torch.float64, requires_grad=True)  # above MIN_ELEMENTS
+    x = torch.randn(40, c_in, 30, 30, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(c_out, c_in // options.get("groups", 1), 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(c_out, generator=g, dtype=torch.float64, requires_grad=True)
     gamma = torch.rand(c_out, generator=g, dtype=torch.float64, requires_grad=True)
@@ -152,9 +152,9 @@ def test_convolution_route_leaves_other_inputs_alone():
     with fast_cpu_kernels():
         assert channels_last_only(conv(x))
         assert channels_last_only(torch.conv2d(input=x, weight=conv.weight))  # keyword arguments
+        assert channels_last_only(conv(x[:1]))  # any size (kernels.MIN_ELEMENTS)
         untouched = [
             conv(x[0]),  # 3-D input
-            conv(x[:2]),  # too small to gain (kernels.MIN_ELEMENTS)
             conv.bfloat16()(x.bfloat16()),  # not among the float16/32/64 the routes take
         ]
         conv.float()

@@ -1,7 +1,8 @@
 // CPU kernels for batch norm with the batch's statistics (fewshot/fused.py explains why and when):
 // 1. batch norm + ReLU + 2x2 max-pool (stride 2) of a channels-last batch in one pass, and its
 //    backward in one more;
-// 2. batch norm's second derivative (at the end of this file).
+// 2. batch norm's second derivative (NCHW and channels-last);
+// 3. the block's ReLU and pooling as linear maps of gradients, for the block's second derivative.
 //
 // 1: memory is (N, H, W, C): the channels of a pixel are contiguous, so every inner loop runs over
 // C and the compiler vectorises it (ivdep: the output never overlaps the inputs). Sums over the
@@ -312,12 +313,120 @@ void double_backward_impl(int64_t N, int64_t C, int64_t L, const T* x, const T* 
   });
 }
 
+// The same formulas for a channels-last (N, H, W, C) batch: an (M, C) array whose rows are pixels, sums
+// over row chunks (as the block's kernels), then one elementwise pass.
+template <typename T>
+void double_backward_cl_impl(int64_t M, int64_t C, const T* x, const T* dy, const T* ggI, const T* ggG, const T* ggB,
+                             const T* gamma, const double* mean, const double* invstd, T* gx, T* gdy, T* ggamma) {
+  std::vector<T> mu(C), is(C);
+  for (int64_t c = 0; c < C; ++c) { mu[c] = T(mean[c]); is[c] = T(invstd[c]); }
+  const int64_t K = ggI ? 5 : 2;  // sums: dy, dy * xh, and with ggI: ggI, ggI * xh, ggI * dy
+  const auto sums = chunked_channel_sums(M, K * C, [&, x, dy, ggI](int64_t r0, int64_t r1, double* acc) {
+    std::vector<T> part(K * C);
+    const T* __restrict__ m = mu.data();
+    const T* __restrict__ v = is.data();
+    for (int64_t r = r0; r < r1; r += 64) {  // 64 rows summed in T, then added in double
+      std::fill(part.begin(), part.end(), T(0));
+      T* __restrict__ a = part.data();
+      T* __restrict__ b = a + C;
+      for (int64_t p = r; p < std::min(r1, r + 64); ++p) {
+        const T* __restrict__ xr = x + p * C;
+        const T* __restrict__ dr = dy + p * C;
+        if (ggI) {
+          const T* __restrict__ gr = ggI + p * C;
+          T* __restrict__ d = b + C;
+          T* __restrict__ e = d + C;
+          T* __restrict__ f = e + C;
+          #pragma GCC ivdep
+          for (int64_t c = 0; c < C; ++c) {
+            const T xh = (xr[c] - m[c]) * v[c];
+            a[c] += dr[c]; b[c] += dr[c] * xh; d[c] += gr[c]; e[c] += gr[c] * xh; f[c] += gr[c] * dr[c];
+          }
+        } else {
+          #pragma GCC ivdep
+          for (int64_t c = 0; c < C; ++c) {
+            const T xh = (xr[c] - m[c]) * v[c];
+            a[c] += dr[c]; b[c] += dr[c] * xh;
+          }
+        }
+      }
+      for (int64_t c = 0; c < K * C; ++c) acc[c] += part[c];
+    }
+  });
+  // per channel: the coefficients of the formulas above
+  std::vector<T> tA(C), tB(C), tAg(C), tBg(C), tg(C), c_xh(C), c_pg(C), c_pd(C), gG(C), gB(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const double A = sums[c] / M, B = sums[C + c] / M;
+    const double s_g = ggI ? sums[2 * C + c] : 0.0, s_gxh = ggI ? sums[3 * C + c] : 0.0, s_gdy = ggI ? sums[4 * C + c] : 0.0;
+    const double S1 = s_gdy - A * s_g - B * s_gxh, S2 = s_gxh;
+    const double g = double(gamma[c]), isd = invstd[c];
+    ggamma[c] = T(isd * S1);
+    tA[c] = T(A); tB[c] = T(B); tAg[c] = T(s_g / M); tBg[c] = T(s_gxh / M); tg[c] = T(g);
+    c_xh[c] = T(-g * isd * isd * S1 / M); c_pg[c] = T(-g * isd * B); c_pd[c] = T(-g * isd * S2 / M);
+    gG[c] = ggG ? ggG[c] : T(0); gB[c] = ggB ? ggB[c] : T(0);
+  }
+  at::parallel_for(0, M, 256, [&, x, dy, ggI, gx, gdy](int64_t begin, int64_t end) {
+    const T *__restrict__ m = mu.data(), *__restrict__ v = is.data(), *__restrict__ a = tA.data(), *__restrict__ b = tB.data();
+    const T *__restrict__ ag = tAg.data(), *__restrict__ bg = tBg.data(), *__restrict__ gm = tg.data();
+    const T *__restrict__ kx = c_xh.data(), *__restrict__ kg = c_pg.data(), *__restrict__ kd = c_pd.data();
+    const T *__restrict__ wG = gG.data(), *__restrict__ wB = gB.data();
+    for (int64_t p = begin; p < end; ++p) {
+      const T* __restrict__ xr = x + p * C;
+      const T* __restrict__ dr = dy + p * C;
+      T* __restrict__ ox = gx + p * C;
+      T* __restrict__ od = gdy + p * C;
+      if (ggI) {
+        const T* __restrict__ gr = ggI + p * C;
+        #pragma GCC ivdep
+        for (int64_t c = 0; c < C; ++c) {
+          const T xh = (xr[c] - m[c]) * v[c];
+          const T p_dy = v[c] * (dr[c] - a[c] - xh * b[c]);
+          const T p_gg = v[c] * (gr[c] - ag[c] - xh * bg[c]);
+          ox[c] = kx[c] * xh + kg[c] * p_gg + kd[c] * p_dy + wG[c] * p_dy;
+          od[c] = gm[c] * p_gg + wG[c] * xh + wB[c];
+        }
+      } else {
+        #pragma GCC ivdep
+        for (int64_t c = 0; c < C; ++c) {
+          const T xh = (xr[c] - m[c]) * v[c];
+          ox[c] = wG[c] * v[c] * (dr[c] - a[c] - xh * b[c]);
+          od[c] = wG[c] * xh + wB[c];
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
+
+// double_backward of a channels-last batch; outputs channels-last
+std::vector<at::Tensor> double_backward_channels_last(const at::Tensor& x, const at::Tensor& dy_, const c10::optional<at::Tensor>& ggI_,
+                                                      const c10::optional<at::Tensor>& ggG_, const c10::optional<at::Tensor>& ggB_,
+                                                      const at::Tensor& gamma_, const at::Tensor& mean, const at::Tensor& invstd) {
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const auto dy = dy_.contiguous(cl), gamma = gamma_.contiguous();
+  const int64_t C = x.size(1), M = x.numel() / std::max<int64_t>(C, 1);
+  at::Tensor ggI, ggG, ggB;
+  if (ggI_.has_value() && ggI_->defined()) ggI = ggI_->contiguous(cl);
+  if (ggG_.has_value() && ggG_->defined()) ggG = ggG_->contiguous();
+  if (ggB_.has_value() && ggB_->defined()) ggB = ggB_->contiguous();
+  auto gx = at::empty_like(x, x.options().memory_format(cl)), gdy = at::empty_like(x, x.options().memory_format(cl));
+  auto ggamma = at::empty_like(gamma);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_double_backward_channels_last", [&] {
+    double_backward_cl_impl<scalar_t>(M, C, x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), ggI.defined() ? ggI.data_ptr<scalar_t>() : nullptr,
+                   ggG.defined() ? ggG.data_ptr<scalar_t>() : nullptr, ggB.defined() ? ggB.data_ptr<scalar_t>() : nullptr,
+                   gamma.data_ptr<scalar_t>(), mean.data_ptr<double>(), invstd.data_ptr<double>(), gx.data_ptr<scalar_t>(),
+                   gdy.data_ptr<scalar_t>(), ggamma.data_ptr<scalar_t>());
+  });
+  return {gx, gdy, ggamma};
+}
 
 // (grad_x, grad_dy, grad_gamma); ggI, ggG, ggB may be undefined (zero)
 std::vector<at::Tensor> double_backward(const at::Tensor& x_, const at::Tensor& dy_, const c10::optional<at::Tensor>& ggI_,
                                         const c10::optional<at::Tensor>& ggG_, const c10::optional<at::Tensor>& ggB_,
                                         const at::Tensor& gamma_, const at::Tensor& mean, const at::Tensor& invstd) {
+  if (x_.dim() == 4 && x_.is_contiguous(at::MemoryFormat::ChannelsLast) && !x_.is_contiguous())
+    return double_backward_channels_last(x_, dy_, ggI_, ggG_, ggB_, gamma_, mean, invstd);
   const auto x = x_.contiguous(), dy = dy_.contiguous(), gamma = gamma_.contiguous();
   const int64_t N = x.size(0), C = x.size(1), L = x.numel() / std::max<int64_t>(N * C, 1);
   at::Tensor ggI, ggG, ggB;
@@ -334,7 +443,90 @@ std::vector<at::Tensor> double_backward(const at::Tensor& x_, const at::Tensor& 
   return {gx, gdy, ggamma};
 }
 
+
+// 3. The block's ReLU and pooling as linear maps of gradients, for its second derivative: at a given
+// x they pass each window's winner where the ReLU passed, and nothing else (zero second derivative).
+// to_winners: a block-output-sized gradient (N, C, OH, OW) -> the batch norm's output size (N, C, H, W);
+// from_winners: its adjoint. Both channels-last.
+
+namespace {
+
+template <typename T>
+void to_winners_impl(int64_t N, int64_t C, int64_t H, int64_t W, const T* gp, const T* op, const uint8_t* ap, T* gz) {
+  const int64_t OH = H / 2, OW = W / 2;
+  at::parallel_for(0, N * H, 1, [&, gp, op, ap, gz](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / H, h = r % H, oh = h / 2;
+      for (int64_t w = 0; w < W; ++w) {
+        T* __restrict__ out = gz + (r * W + w) * C;
+        if (oh < OH && w / 2 < OW) {
+          const T me = T((h & 1) * 2 + (w & 1));
+          const int64_t o = ((n * OH + oh) * OW + w / 2) * C;
+          #pragma GCC ivdep
+          for (int64_t c = 0; c < C; ++c) out[c] = (T(ap[o + c]) == me && op[o + c] > T(0)) ? gp[o + c] : T(0);
+        } else {
+          #pragma GCC ivdep
+          for (int64_t c = 0; c < C; ++c) out[c] = T(0);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void from_winners_impl(int64_t N, int64_t C, int64_t H, int64_t W, const T* gz, const T* op, const uint8_t* ap, T* gp) {
+  const int64_t OH = H / 2, OW = W / 2;
+  at::parallel_for(0, N * OH, 1, [&, gz, op, ap, gp](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / OH, oh = r % OH;
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        const T* __restrict__ p0 = gz + ((n * H + 2 * oh) * W + 2 * ow) * C;
+        const T* __restrict__ p1 = p0 + C;
+        const T* __restrict__ p2 = p0 + W * C;
+        const T* __restrict__ p3 = p2 + C;
+        const int64_t o = (r * OW + ow) * C;
+        #pragma GCC ivdep
+        for (int64_t c = 0; c < C; ++c) {
+          const T k = T(ap[o + c]);
+          const T v = k == T(0) ? p0[c] : (k == T(1) ? p1[c] : (k == T(2) ? p2[c] : p3[c]));
+          gp[o + c] = op[o + c] > T(0) ? v : T(0);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor to_winners(const at::Tensor& grad_out_, const at::Tensor& out, const at::Tensor& argmax, int64_t H, int64_t W) {
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const auto grad_out = grad_out_.contiguous(cl);
+  const int64_t N = out.size(0), C = out.size(1);
+  TORCH_CHECK(out.is_contiguous(cl) && grad_out.sizes() == out.sizes() && out.size(2) == H / 2 && out.size(3) == W / 2, "to_winners: shapes");
+  auto grad_z = at::empty({N, C, H, W}, out.options().memory_format(cl));
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "to_winners", [&] {
+    to_winners_impl<scalar_t>(N, C, H, W, grad_out.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), argmax.data_ptr<uint8_t>(),
+                              grad_z.data_ptr<scalar_t>());
+  });
+  return grad_z;
+}
+
+at::Tensor from_winners(const at::Tensor& grad_z_, const at::Tensor& out, const at::Tensor& argmax) {
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const auto grad_z = grad_z_.contiguous(cl);
+  const int64_t N = grad_z.size(0), C = grad_z.size(1), H = grad_z.size(2), W = grad_z.size(3);
+  TORCH_CHECK(out.is_contiguous(cl) && out.size(0) == N && out.size(1) == C && out.size(2) == H / 2 && out.size(3) == W / 2, "from_winners: shapes");
+  auto grad_out = at::empty_like(out, out.options().memory_format(cl));
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "from_winners", [&] {
+    from_winners_impl<scalar_t>(N, C, H, W, grad_z.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), argmax.data_ptr<uint8_t>(),
+                                grad_out.data_ptr<scalar_t>());
+  });
+  return grad_out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("to_winners", &to_winners);
+  m.def("from_winners", &from_winners);
   m.def("forward", &forward);
   m.def("backward", &backward);
   m.def("double_backward", &double_backward);
