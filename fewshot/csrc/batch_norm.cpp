@@ -524,10 +524,12 @@ at::Tensor from_winners(const at::Tensor& grad_z_, const at::Tensor& out, const 
   return grad_out;
 }
 
+// The kernels release the GIL: MAML runs tasks on several threads, whose Python would wait otherwise.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("to_winners", &to_winners);
-  m.def("from_winners", &from_winners);
-  m.def("forward", &forward);
-  m.def("backward", &backward);
-  m.def("double_backward", &double_backward);
+  const auto no_gil = py::call_guard<py::gil_scoped_release>();
+  m.def("to_winners", &to_winners, no_gil);
+  m.def("from_winners", &from_winners, no_gil);
+  m.def("forward", &forward, no_gil);
+  m.def("backward", &backward, no_gil);
+  m.def("double_backward", &double_backward, no_gil);
 }
