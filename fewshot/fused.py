@@ -155,10 +155,13 @@ class _BatchNormReLUMaxPool2dBackward(torch.autograd.Function):
     def forward(ctx, grad_out, x, weight, bias, out, argmax, mean, invstd, eps):
         ctx.eps = eps
         ctx.save_for_backward(grad_out, x, weight, out, argmax, mean, invstd)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: the kernel skips its terms
         return tuple(extension().backward(grad_out, x, out, argmax, mean, invstd, weight))
 
     @staticmethod
     def backward(ctx, gg_x, gg_weight, gg_bias):
+        if gg_x is None and gg_weight is None and gg_bias is None:
+            return (None,) * 9
         grad_out, x, weight, out, argmax, mean, invstd = ctx.saved_tensors
         height, width = x.shape[2:]
         if torch.is_grad_enabled():  # a graph of this backward too: differentiable ops (as _BatchNormBackward)

@@ -7,14 +7,14 @@ NCHW CPU tensors run well below memory speed; their channels-last kernels do not
 (one thread, 75x64x28x28: batch norm 8.5 -> 2.3 ms, pooling 6.2 -> 1.3 ms, measured).
 oneDNN convolves in channels-last, and writes a channels-last output, whenever the
 input or the weight is channels-last; everything downstream of a convolution then
-follows that layout. So ``conv2d`` of a large NCHW CPU batch is called with a
+follows that layout. So ``conv2d`` of an NCHW CPU batch is called with a
 channels-last view or copy of its weight (a few thousand numbers): the same
 convolution, summed in another order. The network's activations from there on are
 channels-last, with the same values up to rounding: float64 meta-gradients agree to
 1e-14, and in float32 the channels-last batch-norm statistics were the closer to
 float64 (relative error 8e-6 against 2e-3 for NCHW on the Omniglot query batch).
-``Tensor.view`` of such an activation, which needs NCHW strides, falls back to a
-contiguous copy (what ``reshape`` does), and ``call`` gives the outputs back NCHW.
+``Tensor.view`` (and ``view_as``) of such an activation, which needs NCHW strides, falls
+back to a contiguous copy (what ``reshape`` does), and ``call`` gives the outputs back NCHW.
 
 **Max-pooling of NCHW tensors** (where the route above did not apply) through
 ATen's channels-last kernel: a 2x2 pool of a 75x64x28x28 batch took 21 ms on one
@@ -145,7 +145,7 @@ def _is_channels_last_only(x: Tensor) -> bool:
 
 
 def conv2d(input: Tensor, weight: Tensor, *args, **kwargs) -> Tensor:
-    """``F.conv2d``, in channels-last for a large NCHW CPU batch (module docstring)."""
+    """``F.conv2d``, in channels-last for an NCHW CPU batch (module docstring)."""
     if (
         _plain_cpu_batch(input)
         and _plain_cpu(weight)
@@ -168,6 +168,16 @@ def view(self: Tensor, *args, **kwargs):
         return Tensor.view(self.contiguous(), *args, **kwargs)
 
 
+def view_as(self: Tensor, other: Tensor) -> Tensor:
+    """``Tensor.view_as``, with the fallback of ``view``."""
+    try:
+        return Tensor.view_as(self, other)
+    except RuntimeError:
+        if not (isinstance(self, Tensor) and _is_channels_last_only(self)):
+            raise
+        return Tensor.view_as(self.contiguous(), other)
+
+
 def batch_norm(*args, **kwargs) -> Tensor:
     """``F.batch_norm``, whose second derivative, with batch statistics, is a C++ kernel (``fewshot.fused``)."""
     from fewshot import fused  # fused imports this module
@@ -175,7 +185,7 @@ def batch_norm(*args, **kwargs) -> Tensor:
     return fused.batch_norm(*args, **kwargs)
 
 
-_ROUTES = {F.max_pool2d: max_pool2d, torch.max_pool2d: max_pool2d, torch.conv2d: conv2d, Tensor.view: view, F.batch_norm: batch_norm}
+_ROUTES = {F.max_pool2d: max_pool2d, torch.max_pool2d: max_pool2d, torch.conv2d: conv2d, Tensor.view: view, Tensor.view_as: view_as, F.batch_norm: batch_norm}
 
 
 class _FastCPUKernels(TorchFunctionMode):

@@ -219,3 +219,22 @@ def test_fused_block_output_is_its_own_tensor_and_views_take_keywords():
         assert out.view(size=(40, -1)).shape == (40, 6 * 14 * 14)
 
 
+
+
+def test_kernels_refuse_tensors_of_the_wrong_shape():
+    x, w, b = (t.detach() for t in block_input((4, 3, 6, 6)))
+    ext = fused.extension()
+    out, argmax, mean, invstd = ext.forward(x, w, b, 1e-5)
+    grad = torch.ones_like(out)
+    with pytest.raises(RuntimeError, match="argmax"):
+        ext.backward(grad, x, out, argmax[:, :2], mean, invstd, w)
+    with pytest.raises(RuntimeError, match="grad_out"):
+        ext.backward(grad[:, :, :2], x, out, argmax, mean, invstd, w)
+    with pytest.raises(RuntimeError, match="per-channel"):
+        ext.double_backward(x, x, None, None, None, w[:2], mean, invstd)
+    with pytest.raises(RuntimeError, match="dy"):
+        ext.double_backward(x, x[:2], None, None, None, w, mean, invstd)
+    with pytest.raises(RuntimeError, match="out"):
+        ext.to_winners(grad, out, argmax, 8, 6)
+    with pytest.raises(RuntimeError, match="out"):
+        ext.from_winners(x[:, :, :4], out, argmax)

@@ -174,6 +174,9 @@ def test_views_of_channels_last_activations_and_outputs_come_back_nchw():
         h = features(t)
         return h.view(h.shape[0], -1), {"maps": h, "pair": (h, 1)}
 
+    tiny = x[:1, :, :4, :4]  # any batch size takes the route
+    flat_as = kernels.call(lambda t: features(t).view_as(torch.empty(1, 8 * 16)), tiny)
+    assert torch.allclose(flat_as, features(tiny).view(1, -1), atol=1e-6)
     flat, extras = kernels.call(model, x)
     Pair = namedtuple("Pair", "maps extra")
     assert kernels.call(lambda t: Pair(features(t), 1), x).maps.is_contiguous()

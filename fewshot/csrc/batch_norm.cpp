@@ -202,9 +202,23 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& x, const at::Te
 
 }  // namespace
 
+// The saved tensors of the block, as forward made them (these functions are callable from Python).
+static void check_block(int64_t N, int64_t C, int64_t H, int64_t W, const at::Tensor& out, const at::Tensor& argmax) {
+  const int64_t OH = H / 2, OW = W / 2;
+  TORCH_CHECK(out.is_contiguous(at::MemoryFormat::ChannelsLast) && out.sizes() == at::IntArrayRef({N, C, OH, OW}),
+              "out must be the block's channels-last output");
+  TORCH_CHECK(argmax.is_contiguous() && argmax.scalar_type() == at::kByte && argmax.sizes() == at::IntArrayRef({N, OH, OW, C}),
+              "argmax must be the block's (N, OH, OW, C) bytes");
+}
+
+static void check_channel_vectors(const at::Tensor& x, std::initializer_list<at::Tensor> vectors) {
+  for (const auto& v : vectors) TORCH_CHECK(v.numel() == x.size(1), "a per-channel vector has the wrong length");
+}
+
 // (out, argmax, mean, invstd), or an empty list where x or the affine parameters are not finite
 std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast), "x must be a 4-D channels-last tensor");
+  check_channel_vectors(x, {weight, bias});
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   auto out = at::empty({N, C, H / 2, W / 2}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   auto argmax = at::empty({N, H / 2, W / 2, C}, x.options().dtype(at::kByte));
@@ -223,6 +237,12 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight, c
 std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& out,
                                  const at::Tensor& argmax, const at::Tensor& mean, const at::Tensor& invstd,
                                  const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast), "x must be a 4-D channels-last tensor");
+  check_block(x.size(0), x.size(1), x.size(2), x.size(3), out, argmax);
+  TORCH_CHECK(out.scalar_type() == x.scalar_type() && grad_out.scalar_type() == x.scalar_type(), "dtypes differ");
+  check_channel_vectors(x, {mean, invstd, weight});
+  TORCH_CHECK(grad_out.sizes() == out.sizes(), "grad_out must have the block output's shape");
+  TORCH_CHECK(mean.scalar_type() == at::kDouble && invstd.scalar_type() == at::kDouble, "mean and invstd must be float64");
   const auto g = grad_out.contiguous(at::MemoryFormat::ChannelsLast);
   const auto w = weight.contiguous();
   auto grad_x = at::empty_like(x, x.options().memory_format(at::MemoryFormat::ChannelsLast));
@@ -425,6 +445,12 @@ std::vector<at::Tensor> double_backward_channels_last(const at::Tensor& x, const
 std::vector<at::Tensor> double_backward(const at::Tensor& x_, const at::Tensor& dy_, const c10::optional<at::Tensor>& ggI_,
                                         const c10::optional<at::Tensor>& ggG_, const c10::optional<at::Tensor>& ggB_,
                                         const at::Tensor& gamma_, const at::Tensor& mean, const at::Tensor& invstd) {
+  TORCH_CHECK(x_.dim() >= 2 && dy_.sizes() == x_.sizes(), "dy must have x's shape");
+  TORCH_CHECK(!(ggI_.has_value() && ggI_->defined()) || ggI_->sizes() == x_.sizes(), "ggI must have x's shape");
+  check_channel_vectors(x_, {gamma_, mean, invstd});
+  if (ggG_.has_value() && ggG_->defined()) check_channel_vectors(x_, {*ggG_});
+  if (ggB_.has_value() && ggB_->defined()) check_channel_vectors(x_, {*ggB_});
+  TORCH_CHECK(mean.scalar_type() == at::kDouble && invstd.scalar_type() == at::kDouble, "mean and invstd must be float64");
   if (x_.dim() == 4 && x_.is_contiguous(at::MemoryFormat::ChannelsLast) && !x_.is_contiguous())
     return double_backward_channels_last(x_, dy_, ggI_, ggG_, ggB_, gamma_, mean, invstd);
   const auto x = x_.contiguous(), dy = dy_.contiguous(), gamma = gamma_.contiguous();
@@ -502,7 +528,10 @@ at::Tensor to_winners(const at::Tensor& grad_out_, const at::Tensor& out, const 
   const auto cl = at::MemoryFormat::ChannelsLast;
   const auto grad_out = grad_out_.contiguous(cl);
   const int64_t N = out.size(0), C = out.size(1);
-  TORCH_CHECK(out.is_contiguous(cl) && grad_out.sizes() == out.sizes() && out.size(2) == H / 2 && out.size(3) == W / 2, "to_winners: shapes");
+  TORCH_CHECK(out.dim() == 4 && H >= 0 && W >= 0, "to_winners: shapes");
+  check_block(N, C, H, W, out, argmax);
+  TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_out.scalar_type() == out.scalar_type(),
+              "to_winners: grad_out must have the block output's shape and dtype");
   auto grad_z = at::empty({N, C, H, W}, out.options().memory_format(cl));
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "to_winners", [&] {
     to_winners_impl<scalar_t>(N, C, H, W, grad_out.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), argmax.data_ptr<uint8_t>(),
@@ -515,7 +544,8 @@ at::Tensor from_winners(const at::Tensor& grad_z_, const at::Tensor& out, const 
   const auto cl = at::MemoryFormat::ChannelsLast;
   const auto grad_z = grad_z_.contiguous(cl);
   const int64_t N = grad_z.size(0), C = grad_z.size(1), H = grad_z.size(2), W = grad_z.size(3);
-  TORCH_CHECK(out.is_contiguous(cl) && out.size(0) == N && out.size(1) == C && out.size(2) == H / 2 && out.size(3) == W / 2, "from_winners: shapes");
+  check_block(N, C, H, W, out, argmax);
+  TORCH_CHECK(grad_z.scalar_type() == out.scalar_type(), "from_winners: dtypes differ");
   auto grad_out = at::empty_like(out, out.options().memory_format(cl));
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "from_winners", [&] {
     from_winners_impl<scalar_t>(N, C, H, W, grad_z.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), argmax.data_ptr<uint8_t>(),

@@ -158,7 +158,7 @@ def pools_by_route(tensor) -> tuple[int, int, int]:
 
 @pytest.mark.parametrize("batched", [False, True])
 def test_kernel_routes_apply_on_the_looped_path_only(batched, monkeypatch):
-    monkeypatch.setattr(kernels, "MIN_ELEMENTS", 0)  # a tiny net
+    monkeypatch.setattr(kernels, "MIN_ELEMENTS", 0)  # every size (the default), stated for this tiny net
     maml = MAML(tiny_conv(), F.cross_entropy, 0.4, 1, batched=batched, task_threads=1)
     batch = episodes()
     x, y = batch.query_x[0], batch.query_y[0]
@@ -176,6 +176,7 @@ def test_second_order_meta_gradient_is_the_same_with_and_without_the_kernel_rout
     grads = []
     for min_elements in (0, 10**9):  # every convolution routed and block fused, none
         monkeypatch.setattr(kernels, "MIN_ELEMENTS", min_elements)
+        monkeypatch.setattr(kernels, "POOL_MIN_ELEMENTS", min_elements)  # the NCHW pooling route too
         grads.append(flat_meta_grad(MAML(tiny_conv(), F.cross_entropy, 0.4, 2, task_threads=2), batch))
     assert rel_error(grads[0], grads[1]) < 1e-13  # float64: the same sums, in another order
 
