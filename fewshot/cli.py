@@ -68,6 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     except (cfg.ConfigError, DataError) as e:
         print(f"fewshot {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Shut down torchrun's process group if this process joined one: left to interpreter exit,
+    gloo's threads once aborted a process ("terminate called without an active exception")."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _prepare_device(name: str) -> None:
