@@ -34,6 +34,19 @@ std::vector<double> chunked_channel_sums(int64_t rows, int64_t width, const Body
   return total;
 }
 
+// The four inputs of the 2x2 window (n, oh, ow) of an (N, H, W, C) array, and the one of them
+// the block's argmax byte k names (0-3 in ATen's scan order).
+template <typename T>
+struct Window {
+  const T* __restrict__ p0;
+  const T* __restrict__ p1;
+  const T* __restrict__ p2;
+  const T* __restrict__ p3;
+  Window(const T* base, int64_t n, int64_t oh, int64_t ow, int64_t H, int64_t W, int64_t C)
+      : p0(base + ((n * H + 2 * oh) * W + 2 * ow) * C), p1(p0 + C), p2(p0 + W * C), p3(p0 + W * C + C) {}
+  T pick(T k, int64_t c) const { return k == T(0) ? p0[c] : (k == T(1) ? p1[c] : (k == T(2) ? p2[c] : p3[c])); }
+};
+
 template <typename T>
 bool forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps,
                   at::Tensor& out, at::Tensor& argmax, at::Tensor& mean_t, at::Tensor& invstd_t) {
@@ -506,15 +519,11 @@ void from_winners_impl(int64_t N, int64_t C, int64_t H, int64_t W, const T* gz, 
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / OH, oh = r % OH;
       for (int64_t ow = 0; ow < OW; ++ow) {
-        const T* __restrict__ p0 = gz + ((n * H + 2 * oh) * W + 2 * ow) * C;
-        const T* __restrict__ p1 = p0 + C;
-        const T* __restrict__ p2 = p0 + W * C;
-        const T* __restrict__ p3 = p2 + C;
+        const Window<T> window(gz, n, oh, ow, H, W, C);
         const int64_t o = (r * OW + ow) * C;
         #pragma GCC ivdep
         for (int64_t c = 0; c < C; ++c) {
-          const T k = T(ap[o + c]);
-          const T v = k == T(0) ? p0[c] : (k == T(1) ? p1[c] : (k == T(2) ? p2[c] : p3[c]));
+          const T v = window.pick(T(ap[o + c]), c);  // loaded unconditionally: gcc vectorises only then
           gp[o + c] = op[o + c] > T(0) ? v : T(0);
         }
       }
