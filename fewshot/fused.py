@@ -163,15 +163,9 @@ class _BatchNormReLUMaxPool2dBackward(torch.autograd.Function):
         if gg_x is None and gg_weight is None and gg_bias is None:
             return (None,) * 9
         grad_out, x, weight, out, argmax, mean, invstd = ctx.saved_tensors
-        height, width = x.shape[2:]
-        if torch.is_grad_enabled():  # a graph of this backward too: differentiable ops (as _BatchNormBackward)
-            grad_y = _ToWinners.apply(grad_out, out, argmax, height, width)
-            grad_x, grad_weight, _, _, grad_grad_y = _double_backward_ops(x, weight, grad_y, gg_x, gg_weight, gg_bias, ctx.eps)
-            grad_grad_out = _FromWinners.apply(grad_grad_y, out, argmax)
-        else:
-            grad_y = extension().to_winners(grad_out, out, argmax, height, width)
-            grad_x, grad_grad_y, grad_weight = extension().double_backward(x, grad_y, gg_x, gg_weight, gg_bias, weight, mean, invstd)
-            grad_grad_out = extension().from_winners(grad_grad_y, out, argmax)
+        grad_y = _ToWinners.apply(grad_out, out, argmax, *x.shape[2:])
+        grad_x, grad_weight, grad_grad_y = _second_derivative(x, weight, mean, invstd, grad_y, gg_x, gg_weight, gg_bias, ctx.eps)
+        grad_grad_out = _FromWinners.apply(grad_grad_y, out, argmax)
         grad_bias = torch.zeros_like(weight) if ctx.needs_input_grad[3] else None
         return grad_grad_out, grad_x, grad_weight, grad_bias, None, None, None, None, None
 
@@ -318,15 +312,22 @@ class _BatchNormBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gg_x, gg_weight, gg_bias):
         x, weight, mean, invstd, grad_y = ctx.saved_tensors
-        if torch.is_grad_enabled():  # a graph of this backward is asked for: the same formulas in differentiable ops
-            return (*_double_backward_ops(x, weight, grad_y, gg_x, gg_weight, gg_bias, ctx.eps), None)
-        grad_x, grad_grad_y, grad_weight = extension().double_backward(x, grad_y, gg_x, gg_weight, gg_bias, weight, mean.double(), invstd.double())
+        grad_x, grad_weight, grad_grad_y = _second_derivative(x, weight, mean, invstd, grad_y, gg_x, gg_weight, gg_bias, ctx.eps)
         return grad_x, grad_weight, None, None, grad_grad_y, None
 
 
+def _second_derivative(x, weight, mean, invstd, grad_y, gg_x, gg_weight, gg_bias, eps):
+    """(d/dx, d/dweight, d/dgrad_y) of <gg, batch norm's backward at grad_y>: the C++ kernel, or where a
+    graph of it is asked for, the same formulas in differentiable ops."""
+    if torch.is_grad_enabled():
+        return _double_backward_ops(x, weight, grad_y, gg_x, gg_weight, gg_bias, eps)
+    grad_x, grad_grad_y, grad_weight = extension().double_backward(x, grad_y, gg_x, gg_weight, gg_bias, weight, mean.double(), invstd.double())
+    return grad_x, grad_weight, grad_grad_y
+
+
 def _double_backward_ops(x, weight, grad_y, gg_x, gg_weight, gg_bias, eps):
-    """(d/dx, d/dweight, None, None, d/dgrad_y) of <gg, batch norm's backward>: the C++ kernel's formulas
-    written with differentiable ops, the statistics recomputed from x, so derivatives of every order follow."""
+    """(d/dx, d/dweight, d/dgrad_y) of <gg, batch norm's backward>: the C++ kernel's formulas written
+    with differentiable ops, the statistics recomputed from x, so derivatives of every order follow."""
     dims, shape = (0, *range(2, x.dim())), (1, -1) + (1,) * (x.dim() - 2)
     m = x.numel() // x.shape[1]
     mean = x.mean(dims, keepdim=True)
@@ -346,7 +347,7 @@ def _double_backward_ops(x, weight, grad_y, gg_x, gg_weight, gg_bias, eps):
     p_dy, p_gg = backward_operator(grad_y), backward_operator(gg_x)
     grad_x = gamma * (-invstd**2 * s1 / m * xh - invstd * b * p_gg - invstd * s2 / m * p_dy) + gg_weight * p_dy
     grad_grad_y = gamma * p_gg + gg_weight * xh + gg_bias
-    return grad_x, (invstd * s1).view(-1), None, None, grad_grad_y
+    return grad_x, (invstd * s1).view(-1), grad_grad_y
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):

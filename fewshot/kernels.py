@@ -157,25 +157,24 @@ def conv2d(input: Tensor, weight: Tensor, *args, **kwargs) -> Tensor:
     return F.conv2d(input, weight, *args, **kwargs)
 
 
-def view(self: Tensor, *args, **kwargs):
-    """``Tensor.view``; for a channels-last activation that cannot be viewed so, a view of a contiguous copy
-    (as ``reshape`` gives: writing into it in place does not reach the activation)."""
-    try:
-        return Tensor.view(self, *args, **kwargs)
-    except RuntimeError:
-        if not (isinstance(self, Tensor) and _is_channels_last_only(self)):
-            raise
-        return Tensor.view(self.contiguous(), *args, **kwargs)
+def _copy_if_channels_last(method):
+    """A view method of Tensor that, where a channels-last activation cannot be viewed so, views a
+    contiguous copy instead (as ``reshape`` gives: writing into it in place does not reach the activation)."""
+
+    def routed(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except RuntimeError:
+            if not (isinstance(self, Tensor) and _is_channels_last_only(self)):
+                raise
+            return method(self.contiguous(), *args, **kwargs)
+
+    routed.__name__, routed.__doc__ = method.__name__, f"``Tensor.{method.__name__}``, with a copy where a channels-last activation needs one."
+    return routed
 
 
-def view_as(self: Tensor, other: Tensor) -> Tensor:
-    """``Tensor.view_as``, with the fallback of ``view``."""
-    try:
-        return Tensor.view_as(self, other)
-    except RuntimeError:
-        if not (isinstance(self, Tensor) and _is_channels_last_only(self)):
-            raise
-        return Tensor.view_as(self.contiguous(), other)
+view = _copy_if_channels_last(Tensor.view)
+view_as = _copy_if_channels_last(Tensor.view_as)
 
 
 def batch_norm(*args, **kwargs) -> Tensor:
