@@ -103,16 +103,13 @@ bool forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / OH, oh = r % OH;
       for (int64_t ow = 0; ow < OW; ++ow) {
-        const T* __restrict__ p0 = xp + ((n * H + 2 * oh) * W + 2 * ow) * C;
-        const T* __restrict__ p1 = p0 + C;
-        const T* __restrict__ p2 = p0 + W * C;
-        const T* __restrict__ p3 = p2 + C;
+        const Window<T> window(xp, n, oh, ow, H, W, C);
         T* __restrict__ o = op + (r * OW + ow) * C;
         uint8_t* __restrict__ a = ap + (r * OW + ow) * C;
         #pragma GCC ivdep
         for (int64_t c = 0; c < C; ++c) {  // the first maximum in ATen's scan order, then the ReLU
-          const T v0 = p0[c] * sc[c] + sh[c], v1 = p1[c] * sc[c] + sh[c];
-          const T v2 = p2[c] * sc[c] + sh[c], v3 = p3[c] * sc[c] + sh[c];
+          const T v0 = window.p0[c] * sc[c] + sh[c], v1 = window.p1[c] * sc[c] + sh[c];
+          const T v2 = window.p2[c] * sc[c] + sh[c], v3 = window.p3[c] * sc[c] + sh[c];
           T best = v0, k = 0;
           k = v1 > best ? T(1) : k; best = v1 > best ? v1 : best;
           k = v2 > best ? T(2) : k; best = v2 > best ? v2 : best;
@@ -153,16 +150,12 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& x, const at::Te
       const int64_t n = r / OH, oh = r % OH;
       std::fill(row.begin(), row.end(), T(0));
       for (int64_t ow = 0; ow < OW; ++ow) {
-        const T* __restrict__ p0 = xp + ((n * H + 2 * oh) * W + 2 * ow) * C;
-        const T* __restrict__ p1 = p0 + C;
-        const T* __restrict__ p2 = p0 + W * C;
-        const T* __restrict__ p3 = p2 + C;
+        const Window<T> window(xp, n, oh, ow, H, W, C);
         const int64_t o = (r * OW + ow) * C;
         #pragma GCC ivdep
         for (int64_t c = 0; c < C; ++c) {
-          const T k = T(ap[o + c]);
           const T dy = op[o + c] > T(0) ? gp[o + c] : T(0);
-          const T xa = k == T(0) ? p0[c] : (k == T(1) ? p1[c] : (k == T(2) ? p2[c] : p3[c]));
+          const T xa = window.pick(T(ap[o + c]), c);
           s_dy[c] += dy;
           s_dyx[c] += dy * (xa - m[c]) * v[c];
         }
@@ -432,29 +425,8 @@ void double_backward_cl_impl(int64_t M, int64_t C, const T* x, const T* dy, cons
 
 }  // namespace
 
-// double_backward of a channels-last batch; outputs channels-last
-std::vector<at::Tensor> double_backward_channels_last(const at::Tensor& x, const at::Tensor& dy_, const c10::optional<at::Tensor>& ggI_,
-                                                      const c10::optional<at::Tensor>& ggG_, const c10::optional<at::Tensor>& ggB_,
-                                                      const at::Tensor& gamma_, const at::Tensor& mean, const at::Tensor& invstd) {
-  const auto cl = at::MemoryFormat::ChannelsLast;
-  const auto dy = dy_.contiguous(cl), gamma = gamma_.contiguous();
-  const int64_t C = x.size(1), M = x.numel() / std::max<int64_t>(C, 1);
-  at::Tensor ggI, ggG, ggB;
-  if (ggI_.has_value() && ggI_->defined()) ggI = ggI_->contiguous(cl);
-  if (ggG_.has_value() && ggG_->defined()) ggG = ggG_->contiguous();
-  if (ggB_.has_value() && ggB_->defined()) ggB = ggB_->contiguous();
-  auto gx = at::empty_like(x, x.options().memory_format(cl)), gdy = at::empty_like(x, x.options().memory_format(cl));
-  auto ggamma = at::empty_like(gamma);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_double_backward_channels_last", [&] {
-    double_backward_cl_impl<scalar_t>(M, C, x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), ggI.defined() ? ggI.data_ptr<scalar_t>() : nullptr,
-                   ggG.defined() ? ggG.data_ptr<scalar_t>() : nullptr, ggB.defined() ? ggB.data_ptr<scalar_t>() : nullptr,
-                   gamma.data_ptr<scalar_t>(), mean.data_ptr<double>(), invstd.data_ptr<double>(), gx.data_ptr<scalar_t>(),
-                   gdy.data_ptr<scalar_t>(), ggamma.data_ptr<scalar_t>());
-  });
-  return {gx, gdy, ggamma};
-}
-
-// (grad_x, grad_dy, grad_gamma); ggI, ggG, ggB may be undefined (zero)
+// (grad_x, grad_dy, grad_gamma), in x's layout (NCHW-contiguous, or channels-last); ggI, ggG, ggB may be
+// undefined (zero)
 std::vector<at::Tensor> double_backward(const at::Tensor& x_, const at::Tensor& dy_, const c10::optional<at::Tensor>& ggI_,
                                         const c10::optional<at::Tensor>& ggG_, const c10::optional<at::Tensor>& ggB_,
                                         const at::Tensor& gamma_, const at::Tensor& mean, const at::Tensor& invstd) {
@@ -464,24 +436,31 @@ std::vector<at::Tensor> double_backward(const at::Tensor& x_, const at::Tensor& 
   if (ggG_.has_value() && ggG_->defined()) check_channel_vectors(x_, {*ggG_});
   if (ggB_.has_value() && ggB_->defined()) check_channel_vectors(x_, {*ggB_});
   TORCH_CHECK(mean.scalar_type() == at::kDouble && invstd.scalar_type() == at::kDouble, "mean and invstd must be float64");
-  if (x_.dim() == 4 && x_.is_contiguous(at::MemoryFormat::ChannelsLast) && !x_.is_contiguous())
-    return double_backward_channels_last(x_, dy_, ggI_, ggG_, ggB_, gamma_, mean, invstd);
-  const auto x = x_.contiguous(), dy = dy_.contiguous(), gamma = gamma_.contiguous();
+  const bool channels_last = x_.dim() == 4 && x_.is_contiguous(at::MemoryFormat::ChannelsLast) && !x_.is_contiguous();
+  const auto layout = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const auto x = x_.contiguous(layout), dy = dy_.contiguous(layout), gamma = gamma_.contiguous();
   const int64_t N = x.size(0), C = x.size(1), L = x.numel() / std::max<int64_t>(N * C, 1);
   at::Tensor ggI, ggG, ggB;
-  if (ggI_.has_value() && ggI_->defined()) ggI = ggI_->contiguous();
+  if (ggI_.has_value() && ggI_->defined()) ggI = ggI_->contiguous(layout);
   if (ggG_.has_value() && ggG_->defined()) ggG = ggG_->contiguous();
   if (ggB_.has_value() && ggB_->defined()) ggB = ggB_->contiguous();
-  auto gx = at::empty_like(x), gdy = at::empty_like(x), ggamma = at::empty_like(gamma);
+  auto gx = at::empty_like(x, x.options().memory_format(layout)), gdy = at::empty_like(x, x.options().memory_format(layout));
+  auto ggamma = at::empty_like(gamma);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_double_backward", [&] {
-    double_backward_impl<scalar_t>(N, C, L, x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), ggI.defined() ? ggI.data_ptr<scalar_t>() : nullptr,
-                   ggG.defined() ? ggG.data_ptr<scalar_t>() : nullptr, ggB.defined() ? ggB.data_ptr<scalar_t>() : nullptr,
-                   gamma.data_ptr<scalar_t>(), mean.data_ptr<double>(), invstd.data_ptr<double>(), gx.data_ptr<scalar_t>(),
-                   gdy.data_ptr<scalar_t>(), ggamma.data_ptr<scalar_t>());
+    const scalar_t* ggI_p = ggI.defined() ? ggI.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* ggG_p = ggG.defined() ? ggG.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* ggB_p = ggB.defined() ? ggB.data_ptr<scalar_t>() : nullptr;
+    if (channels_last)
+      double_backward_cl_impl<scalar_t>(N * L, C, x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), ggI_p, ggG_p, ggB_p, gamma.data_ptr<scalar_t>(),
+                                        mean.data_ptr<double>(), invstd.data_ptr<double>(), gx.data_ptr<scalar_t>(), gdy.data_ptr<scalar_t>(),
+                                        ggamma.data_ptr<scalar_t>());
+    else
+      double_backward_impl<scalar_t>(N, C, L, x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), ggI_p, ggG_p, ggB_p, gamma.data_ptr<scalar_t>(),
+                                     mean.data_ptr<double>(), invstd.data_ptr<double>(), gx.data_ptr<scalar_t>(), gdy.data_ptr<scalar_t>(),
+                                     ggamma.data_ptr<scalar_t>());
   });
   return {gx, gdy, ggamma};
 }
-
 
 // 3. The block's ReLU and pooling as linear maps of gradients, for its second derivative: at a given
 // x they pass each window's winner where the ReLU passed, and nothing else (zero second derivative).
