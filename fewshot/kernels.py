@@ -15,6 +15,9 @@ channels-last, with the same values up to rounding: float64 meta-gradients agree
 float64 (relative error 8e-6 against 2e-3 for NCHW on the Omniglot query batch).
 ``Tensor.view`` (and ``view_as``) of such an activation, which needs NCHW strides, falls
 back to a contiguous copy (what ``reshape`` does), and ``call`` gives the outputs back NCHW.
+The routed convolution is ``_Conv2d``, whose backward is an autograd Function of its own,
+so that second-order MAML differentiates a convolution's backward with one
+``convolution_backward`` and one convolution instead of ATen's five calls and copies.
 
 **Max-pooling of NCHW tensors** (where the route above did not apply) through
 ATen's channels-last kernel: a 2x2 pool of a 75x64x28x28 batch took 21 ms on one
@@ -144,17 +147,105 @@ def _is_channels_last_only(x: Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
-def conv2d(input: Tensor, weight: Tensor, *args, **kwargs) -> Tensor:
-    """``F.conv2d``, in channels-last for an NCHW CPU batch (module docstring)."""
-    if (
+def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1, groups=1) -> Tensor:
+    """``F.conv2d``, in channels-last for an NCHW CPU batch, with the double backward of ``_Conv2d`` (module docstring)."""
+    if not (
         _plain_cpu_batch(input)
         and _plain_cpu(weight)
         and weight.dim() == 4
         and weight.dtype == input.dtype
-        and not _is_channels_last_only(weight)
+        and (bias is None or _plain_cpu(bias))
     ):
+        return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    if not _is_channels_last_only(weight):
         weight = channels_last_weight(weight)
-    return F.conv2d(input, weight, *args, **kwargs)
+    try:
+        convolution = ([_pair(v) for v in (stride, padding, dilation)], operator.index(groups))
+    except TypeError:  # padding="same" and the like: ATen's own convolution and derivatives
+        return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    return _Conv2d.apply(input, weight, bias, *convolution[0], convolution[1])
+
+
+class _Conv2d(torch.autograd.Function):
+    """``F.conv2d`` whose backward is ``_Conv2dBackward``, an autograd Function of its own.
+
+    ATen's second derivative of a convolution (``_convolution_double_backward``) computes the
+    weight's term as a convolution of the transposed batch with the gradient as its kernel, plus
+    two copies, and the gradient's term as two convolutions and an add. ``_Conv2dBackward``
+    gets both terms from one ``convolution_backward`` and one convolution of concatenated
+    channels: one 20-way support step of layer 2 (20x64x14x14), 28 -> 26 ms for its outer
+    backward, one thread (BENCHMARKS.md "Omniglot speed"). Derivatives of every order are
+    these two Functions again, so a third derivative is exact as well.
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, stride, padding, dilation, groups):
+        ctx.save_for_backward(input, weight)
+        ctx.convolution = (stride, padding, dilation, groups)
+        ctx.has_bias = bias is not None
+        return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        input, weight = ctx.saved_tensors
+        wanted = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
+        grad_input, grad_weight, grad_bias = _Conv2dBackward.apply(grad_out, input, weight, wanted, *ctx.convolution)
+        return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+def _conv2d_sum(terms: list[tuple[Tensor, Tensor]], bias: Tensor | None, convolution) -> Tensor:
+    """The sum of ``conv2d(x, w)`` over ``terms``, plus ``bias``: one convolution of the concatenated
+    channels where there are no groups (one thread, 20x64x14x14: 7.5 ms against 8.4 for two
+    convolutions and the add)."""
+    stride, padding, dilation, groups = convolution
+    if groups == 1 and len(terms) > 1:
+        terms = [(torch.cat([x for x, _ in terms], 1), torch.cat([w for _, w in terms], 1))]
+    total = None
+    for x, w in terms:
+        y = _Conv2d.apply(x, w, bias if total is None else None, stride, padding, dilation, groups)
+        total = y if total is None else total + y
+    return total
+
+
+class _Conv2dBackward(torch.autograd.Function):
+    """A convolution's gradients (for input, weight, bias) from ``grad_out``: one ``convolution_backward``.
+
+    The gradients are linear in ``grad_out``, the input's is linear in the weight and the weight's
+    in the input. So for upstream gradients (``gg_input``, ``gg_weight``, ``gg_bias``):
+    with respect to ``grad_out``, ``conv(gg_input, weight) + conv(input, gg_weight) + gg_bias``;
+    with respect to the input, the input gradient of a convolution with weight ``gg_weight``; with
+    respect to the weight, the weight gradient of a convolution of ``gg_input``; those two are one
+    ``_Conv2dBackward`` of ``grad_out`` with input ``gg_input`` and weight ``gg_weight``.
+    """
+
+    @staticmethod
+    def forward(ctx, grad_out, input, weight, wanted, stride, padding, dilation, groups):
+        ctx.save_for_backward(grad_out, input, weight)
+        ctx.convolution = (stride, padding, dilation, groups)
+        ctx.set_materialize_grads(False)
+        bias_sizes = [weight.shape[0]] if wanted[2] else None
+        return _aten.convolution_backward(
+            grad_out, input, weight, bias_sizes, stride, padding, dilation, False, [0, 0], groups, list(wanted)
+        )
+
+    @staticmethod
+    def backward(ctx, gg_input, gg_weight, gg_bias):
+        grad_out, input, weight = ctx.saved_tensors
+        wants_grad_out, wants_input, wants_weight = ctx.needs_input_grad[:3]
+        gg_grad_out = grad_input = grad_weight = None
+        if wants_grad_out:
+            terms = [(x, w) for x, w in ((gg_input, weight), (input, gg_weight)) if x is not None and w is not None]
+            if terms:
+                gg_grad_out = _conv2d_sum(terms, gg_bias, ctx.convolution)
+            elif gg_bias is not None:
+                gg_grad_out = torch.zeros_like(grad_out) + gg_bias.view(1, -1, 1, 1)
+        wanted = (wants_input and gg_weight is not None, wants_weight and gg_input is not None, False)
+        if wanted[0] or wanted[1]:  # an argument not wanted only lends its shape
+            grad_input, grad_weight, _ = _Conv2dBackward.apply(
+                grad_out, input if gg_input is None else gg_input, weight if gg_weight is None else gg_weight,
+                wanted, *ctx.convolution,
+            )  # fmt: skip
+        return gg_grad_out, grad_input, grad_weight, None, None, None, None, None
 
 
 def _copy_if_channels_last(method):

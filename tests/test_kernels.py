@@ -139,10 +139,24 @@ def test_convolution_route_gives_conv2d_results_to_rounding_and_channels_last_ac
         assert torch.allclose(a, c, rtol=1e-10, atol=1e-10)
 
 
-def test_convolution_route_second_derivatives_match_finite_differences():
-    x = torch.randn(3, 2, 5, 5, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(4, 2, 3, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(lambda a, b: kernels.conv2d(a, b, padding=1), (x, w))
+@pytest.mark.parametrize("c_in, c_out, options", CONVOLUTIONS)
+def test_convolution_route_derivatives_match_finite_differences_and_aten_to_third_order(c_in, c_out, options):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, c_in, 7, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(c_out, c_in // options.get("groups", 1), 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(c_out, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda *a: kernels.conv2d(*a, **options), (x, w, b))
+
+    def derivatives(conv, wrt_input: bool):  # first, second, third derivatives, as MAML's orders take them
+        y = conv(x, w, b, **options)
+        first = torch.autograd.grad((y.tanh() * y).sum(), (x, w, b) if wrt_input else (w, b), create_graph=True)
+        second = torch.autograd.grad(sum(t.sin().sum() for t in first), (x, w, b), create_graph=True)
+        third = torch.autograd.grad(sum((t**2).sum() for t in second), (x, w, b))
+        return [*first, *second, *third]
+
+    for wrt_input in (True, False):  # without the input's gradient, as the first layer of a network
+        for ours, aten in zip(derivatives(kernels.conv2d, wrt_input), derivatives(F.conv2d, wrt_input)):
+            assert torch.allclose(ours, aten, rtol=1e-12, atol=1e-12 * aten.abs().max().item())
 
 
 def test_convolution_route_leaves_other_inputs_alone():
