@@ -160,18 +160,18 @@ def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, 
     if not _is_channels_last_only(weight):
         weight = channels_last_weight(weight)
     try:
-        convolution = ([_pair(v) for v in (stride, padding, dilation)], operator.index(groups))
+        pairs = [_pair(v) for v in (stride, padding, dilation)]
     except TypeError:  # padding="same" and the like: ATen's own convolution and derivatives
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
-    return _Conv2d.apply(input, weight, bias, *convolution[0], convolution[1])
+    return _Conv2d.apply(input, weight, bias, *pairs, groups)
 
 
 class _Conv2d(torch.autograd.Function):
-    """``F.conv2d`` whose backward is ``_Conv2dBackward``, an autograd Function of its own.
+    """``F.conv2d`` whose backward is ``_Conv2dGradients``, an autograd Function of its own.
 
     ATen's second derivative of a convolution (``_convolution_double_backward``) computes the
     weight's term as a convolution of the transposed batch with the gradient as its kernel, plus
-    two copies, and the gradient's term as two convolutions and an add. ``_Conv2dBackward``
+    two copies, and the gradient's term as two convolutions and an add. ``_Conv2dGradients``
     gets both terms from one ``convolution_backward`` and one convolution of concatenated
     channels: one 20-way support step of layer 2 (20x64x14x14), 28 -> 26 ms for its outer
     backward, one thread (BENCHMARKS.md "Omniglot speed"). Derivatives of every order are
@@ -189,7 +189,7 @@ class _Conv2d(torch.autograd.Function):
     def backward(ctx, grad_out):
         input, weight = ctx.saved_tensors
         wanted = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
-        grad_input, grad_weight, grad_bias = _Conv2dBackward.apply(grad_out, input, weight, wanted, *ctx.convolution)
+        grad_input, grad_weight, grad_bias = _Conv2dGradients.apply(grad_out, input, weight, wanted, *ctx.convolution)
         return grad_input, grad_weight, grad_bias, None, None, None, None
 
 
@@ -209,7 +209,7 @@ def _conv2d_sum(terms: list[tuple[Tensor, Tensor]], bias: Tensor | None, convolu
     return total
 
 
-class _Conv2dBackward(torch.autograd.Function):
+class _Conv2dGradients(torch.autograd.Function):
     """A convolution's gradients (for input, weight, bias) from ``grad_out``: one ``convolution_backward``.
 
     The gradients are linear in ``grad_out``, the input's is linear in the weight and the weight's
@@ -217,7 +217,7 @@ class _Conv2dBackward(torch.autograd.Function):
     with respect to ``grad_out``, ``conv(gg_input, weight) + conv(input, gg_weight) + gg_bias``;
     with respect to the input, the input gradient of a convolution with weight ``gg_weight``; with
     respect to the weight, the weight gradient of a convolution of ``gg_input``; those two are one
-    ``_Conv2dBackward`` of ``grad_out`` with input ``gg_input`` and weight ``gg_weight``.
+    ``_Conv2dGradients`` of ``grad_out`` with input ``gg_input`` and weight ``gg_weight``.
     """
 
     @staticmethod
@@ -243,7 +243,7 @@ class _Conv2dBackward(torch.autograd.Function):
                 gg_grad_out = torch.zeros_like(grad_out) + gg_bias.view(1, -1, 1, 1)
         wanted = (wants_input and gg_weight is not None, wants_weight and gg_input is not None, False)
         if wanted[0] or wanted[1]:  # an argument not wanted only lends its shape
-            grad_input, grad_weight, _ = _Conv2dBackward.apply(
+            grad_input, grad_weight, _ = _Conv2dGradients.apply(
                 grad_out, input if gg_input is None else gg_input, weight if gg_weight is None else gg_weight,
                 wanted, *ctx.convolution,
             )  # fmt: skip

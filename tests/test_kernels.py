@@ -142,10 +142,10 @@ def test_convolution_route_gives_conv2d_results_to_rounding_and_channels_last_ac
 @pytest.mark.parametrize("c_in, c_out, options", CONVOLUTIONS)
 def test_convolution_route_derivatives_match_finite_differences_and_aten_to_third_order(c_in, c_out, options):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, c_in, 7, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, c_in, 6, 6, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(c_out, c_in // options.get("groups", 1), 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(c_out, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(lambda *a: kernels.conv2d(*a, **options), (x, w, b))
+    assert torch.autograd.gradgradcheck(lambda *a: kernels.conv2d(*a, **options), (x, w, b), fast_mode=True)
 
     def derivatives(conv, wrt_input: bool):  # first, second, third derivatives, as MAML's orders take them
         y = conv(x, w, b, **options)
