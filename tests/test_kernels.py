@@ -111,12 +111,18 @@ CONVOLUTIONS = [  # in_channels, out_channels, F.conv2d keyword arguments
 ]
 
 
-@pytest.mark.parametrize("c_in, c_out, options", CONVOLUTIONS)
-def test_convolution_route_gives_conv2d_results_to_rounding_and_channels_last_activations(c_in, c_out, options):
+def convolution_arguments(c_in, c_out, options, batch, size):
+    """A seeded generator and float64 input, weight and bias (requiring gradients) for ``F.conv2d(..., **options)``."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(40, c_in, 30, 30, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(batch, c_in, size, size, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(c_out, c_in // options.get("groups", 1), 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(c_out, generator=g, dtype=torch.float64, requires_grad=True)
+    return g, x, w, b
+
+
+@pytest.mark.parametrize("c_in, c_out, options", CONVOLUTIONS)
+def test_convolution_route_gives_conv2d_results_to_rounding_and_channels_last_activations(c_in, c_out, options):
+    g, x, w, b = convolution_arguments(c_in, c_out, options, batch=40, size=30)
     gamma = torch.rand(c_out, generator=g, dtype=torch.float64, requires_grad=True)
 
     def block(conv):  # convolution, batch norm, ReLU and a pool, as in the Conv4 learner
@@ -141,10 +147,7 @@ def test_convolution_route_gives_conv2d_results_to_rounding_and_channels_last_ac
 
 @pytest.mark.parametrize("c_in, c_out, options", CONVOLUTIONS)
 def test_convolution_route_derivatives_match_finite_differences_and_aten_to_third_order(c_in, c_out, options):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, c_in, 6, 6, generator=g, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(c_out, c_in // options.get("groups", 1), 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(c_out, generator=g, dtype=torch.float64, requires_grad=True)
+    _, x, w, b = convolution_arguments(c_in, c_out, options, batch=2, size=6)
     assert torch.autograd.gradgradcheck(lambda *a: kernels.conv2d(*a, **options), (x, w, b), fast_mode=True)
 
     def derivatives(conv, wrt_input: bool):  # first, second, third derivatives, as MAML's orders take them
