@@ -182,13 +182,12 @@ class _Conv2d(torch.autograd.Function):
     def forward(ctx, input, weight, bias, stride, padding, dilation, groups):
         ctx.save_for_backward(input, weight)
         ctx.convolution = (stride, padding, dilation, groups)
-        ctx.has_bias = bias is not None
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad_out):
         input, weight = ctx.saved_tensors
-        wanted = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
+        wanted = ctx.needs_input_grad[:3]  # False for a bias of None
         grad_input, grad_weight, grad_bias = _Conv2dGradients.apply(grad_out, input, weight, wanted, *ctx.convolution)
         return grad_input, grad_weight, grad_bias, None, None, None, None
 
