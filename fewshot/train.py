@@ -135,17 +135,18 @@ def _share_of_meta_batch(method: nn.Module, batch: TaskBatch, rank: int, world: 
     return method.training_loss(share) * (len(mine) / n_tasks)
 
 
-def _sum_over_processes(method: nn.Module, loss: torch.Tensor, world: int) -> torch.Tensor:
-    """All-reduce (sum) the gradients and the loss shares; every process then holds the full meta-gradient."""
+def _sum_over_processes(method: nn.Module, loss: torch.Tensor, stop: bool, world: int) -> tuple[torch.Tensor, bool]:
+    """All-reduce (sum) the gradients, the loss shares and the Ctrl-C flags; every process then holds the
+    full meta-gradient, and all stop after the same iteration if any one of them saw Ctrl-C."""
     if world == 1:
-        return loss
+        return loss, stop
     params = list(method.parameters())
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-    flat = torch.cat([g.flatten() for g in grads] + [loss.detach().reshape(1)])
+    flat = torch.cat([g.flatten() for g in grads] + [loss.detach().reshape(1), torch.tensor([float(stop)], dtype=loss.dtype)])
     dist.all_reduce(flat)
-    for p, g in zip(params, torch.split(flat[:-1], [g.numel() for g in grads])):
+    for p, g in zip(params, torch.split(flat[:-2], [g.numel() for g in grads])):
         p.grad = g.view_as(p).clone()
-    return flat[-1]
+    return flat[-2], bool(flat[-1] > 0)
 
 
 def train(run_dir: Path, config: Config, resume: bool = False, progress: bool = True, device: str | None = None) -> nn.Module:
@@ -194,7 +195,7 @@ def train(run_dir: Path, config: Config, resume: bool = False, progress: bool = 
             optimizer.zero_grad(set_to_none=True)
             loss = _share_of_meta_batch(method, batch, rank, world)
             loss.backward()  # a non-finite loss gives non-finite gradients: caught below, before the step
-            loss = _sum_over_processes(method, loss, world)
+            loss, stop = _sum_over_processes(method, loss, ctrl_c.pressed, world)
             if not (torch.isfinite(loss) and _gradients_finite(method)):
                 bar.close()
                 what = f"non-finite gradient (loss {loss.item():.4g})" if torch.isfinite(loss) else f"loss {loss.item()}"
@@ -216,8 +217,10 @@ def train(run_dir: Path, config: Config, resume: bool = False, progress: bool = 
                 losses, t0, timed = [], time.perf_counter(), 0
                 checkpoint(iteration)
                 last_checkpoint = iteration
-            if ctrl_c.pressed:
+            if stop:
                 checkpoint(iteration)
+                if world > 1:
+                    dist.barrier()  # the others exit once rank 0's checkpoint is written
                 bar.close()
                 raise interrupted(run_dir, iteration)
     bar.close()

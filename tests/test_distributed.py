@@ -1,8 +1,12 @@
 """torchrun scale-out: 2 processes (gloo on loopback) take the same steps as 1, and checkpoints cross modes."""
 
+import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -44,3 +48,36 @@ def test_two_processes_equal_one_and_checkpoints_resume_across_modes(tmp_path):
     torchrun("train", "sine-maml", "--out", str(one), "--iterations", "30", "--resume", *ARGS)
     assert_close(weights(one), weights(two))
     assert load_checkpoint(one / "checkpoint.pt")["iteration"] == 30
+
+
+def _worker_of_rank(launcher_pid: int, rank: int) -> int:
+    """The pid of torchrun's worker process with ``RANK=rank`` (Linux /proc)."""
+    children = open(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read().split()
+    for pid in map(int, children):
+        environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return pid
+    raise AssertionError(f"no worker of rank {rank} among {children}")
+
+
+def test_ctrl_c_reaching_one_process_stops_every_process_at_the_same_iteration_with_a_checkpoint(tmp_path):
+    """Ctrl-C seen by rank 1 alone (rank 0 not signalled): both stop after the same iteration, rank 0
+    writes that iteration's checkpoint first, and the run resumes from it."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "-m", "fewshot", "train", "sine-maml", "--out", str(run), "--iterations", "1000000", *ARGS]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoint.pt").exists():  # training runs: the first checkpoint is written at 10
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        os.kill(_worker_of_rank(proc.pid, 1), signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    stopped = re.findall(r"interrupted at iteration (\d+)", stderr)
+    assert len(stopped) == 2 and stopped[0] == stopped[1], stderr[-3000:]  # both ranks, the same iteration
+    assert load_checkpoint(run / "checkpoint.pt")["iteration"] == int(stopped[0])
+    torchrun("train", "sine-maml", "--out", str(run), "--iterations", str(int(stopped[0]) + 5), "--resume", *ARGS)
+    assert load_checkpoint(run / "checkpoint.pt")["iteration"] == int(stopped[0]) + 5
