@@ -84,6 +84,8 @@ def learning_curves(run_dirs: dict[str, Path], out: Path) -> Path:
     """Validation metric of each run against meta-iterations and against wall-clock (from metrics.csv)."""
     import csv
 
+    from matplotlib import ticker
+
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for name, run_dir in run_dirs.items():
@@ -99,6 +101,8 @@ def learning_curves(run_dirs: dict[str, Path], out: Path) -> Path:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(header[2].replace("_", " "))
         ax.grid(alpha=0.3)
+    axes[0].xaxis.set_major_locator(ticker.MaxNLocator(6, integer=True))  # tens of thousands: labels must not run together
+    axes[0].xaxis.set_major_formatter(ticker.StrMethodFormatter("{x:,.0f}"))
     axes[0].legend(fontsize=8)
     return save_figure(fig, Path(out) / "learning_curves.png")
 
