@@ -3,7 +3,6 @@
     python benchmarks/threads_vs_processes.py omniglot-5w5s-maml [ITERATIONS] [ROUNDS]
     python benchmarks/threads_vs_processes.py harness:omniglot-5w1s 4 3   # the peer harness's workload
 
-
 "threads": what ``fewshot train`` does on 2 cores, one process whose MAML runs two tasks side by
 side on two threads (``task_threads="auto"``). "processes": what ``torchrun --nproc_per_node=2``
 does, two processes started together, one intra-op thread each, each on its half of the

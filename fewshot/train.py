@@ -142,7 +142,7 @@ def _sum_over_processes(method: nn.Module, loss: torch.Tensor, stop: bool, world
         return loss, stop
     params = list(method.parameters())
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-    flat = torch.cat([g.flatten() for g in grads] + [loss.detach().reshape(1), torch.tensor([float(stop)], dtype=loss.dtype)])
+    flat = torch.cat([g.flatten() for g in grads] + [loss.detach().reshape(1), loss.new_full((1,), float(stop))])  # on the loss's device (NCCL)
     dist.all_reduce(flat)
     for p, g in zip(params, torch.split(flat[:-2], [g.numel() for g in grads])):
         p.grad = g.view_as(p).clone()
