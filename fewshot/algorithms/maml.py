@@ -216,7 +216,13 @@ def meta_gradient_in_threads(
             task_losses[k], params, share_of_tasks, inner_lrs, steps, first_order, inputs, meta_batch_size=n_tasks
         )
 
+    # Every input's gradient accumulator is held for the whole section by a view of it: made anew
+    # inside a thread, an accumulator takes its mutex and then the GIL, while a thread in
+    # Function.apply holds the GIL and waits for that mutex (a deadlock seen in CI, torch 2.13).
+    with torch.enable_grad():
+        holders = [x.view_as(x) for x in inputs if x.requires_grad]
     shares = map_on_threads(pool, share, n_threads)
+    del holders
     total = sum(loss for loss, _ in shares)
     return total, [sum(gs) for gs in zip(*(g for _, g in shares))]
 
