@@ -23,9 +23,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun_command(*argv) -> list[str]:
+    """``torchrun --nproc_per_node=2 -m fewshot ARGV`` on a free port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "fewshot", *argv]
+
+
 def torchrun(*argv):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "fewshot", *argv]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(torchrun_command(*argv), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -64,8 +68,7 @@ def test_ctrl_c_reaching_one_process_stops_every_process_at_the_same_iteration_w
     """Ctrl-C seen by rank 1 alone (rank 0 not signalled): both stop after the same iteration, rank 0
     writes that iteration's checkpoint first, and the run resumes from it."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "fewshot", "train", "sine-maml", "--out", str(run), "--iterations", "1000000", *ARGS]  # fmt: skip
+    cmd = torchrun_command("train", "sine-maml", "--out", str(run), "--iterations", "1000000", *ARGS)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
