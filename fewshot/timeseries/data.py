@@ -214,7 +214,10 @@ def _chunks(path: Path, chunk_rows: int, first_row_group: int = 0):
         for batch in file.iter_batches(batch_size=chunk_rows, columns=list(COLUMNS), row_groups=groups):
             yield batch.to_pandas()
     elif suffix in (".csv", ".gz", ".txt"):
-        with pd.read_csv(path, chunksize=chunk_rows, dtype={"series_id": str}, float_precision="round_trip") as reader:
+        # every float exactly as written: pandas 3 parses so by default (and deprecates float_precision),
+        # pandas 2's default parser can miss by an ulp
+        exact = {} if int(pd.__version__.split(".")[0]) >= 3 else {"float_precision": "round_trip"}
+        with pd.read_csv(path, chunksize=chunk_rows, dtype={"series_id": str}, **exact) as reader:
             for i, frame in enumerate(reader):
                 if i == 0:
                     _require_columns(list(frame.columns), path)

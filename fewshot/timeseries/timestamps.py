@@ -19,6 +19,7 @@ forecast's timestamps are empty.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import numpy as np
@@ -111,12 +112,23 @@ def _by_months(flat: np.ndarray, lengths: np.ndarray, last: np.ndarray, ahead: n
     return chosen, landing + (last - last.astype("datetime64[D]"))[:, None]
 
 
+def _inferred_frequency_as_offset(pd):
+    """pandas 3 warns that ``infer_freq`` will return an offset instead of a string unless asked for the
+    offset now (``date_range`` takes either); pandas 2 has no such option."""
+    try:
+        pd.get_option("future.infer_freq_returns_offset")
+    except KeyError:  # pandas' OptionError is a KeyError
+        return contextlib.nullcontext()
+    return pd.option_context("future.infer_freq_returns_offset", True)
+
+
 def _by_pandas(stamps: np.ndarray, horizon: int) -> np.ndarray | None:
     import pandas as pd
 
     if len(stamps) < 3:
         return None
-    frequency = pd.infer_freq(pd.DatetimeIndex(stamps))
+    with _inferred_frequency_as_offset(pd):
+        frequency = pd.infer_freq(pd.DatetimeIndex(stamps))
     if frequency is None:
         return None
     return pd.date_range(stamps[-1], periods=horizon + 1, freq=frequency)[1:].to_numpy()
