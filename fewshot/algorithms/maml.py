@@ -293,7 +293,8 @@ class MAML(nn.Module):
             its own thread with one intra-op thread. ``"auto"`` uses as many as
             ``torch.get_num_threads()`` on CPU (1 on other devices, or when a forward
             pass updates buffers such as batch-norm running statistics, which
-            threads would race on); the result is the same for any number.
+            threads would race on); the result is the same for any number up to
+            float rounding (each thread sums its own tasks' gradients first).
         compile: compute the meta-gradient with ``torch.func`` transforms compiled
             by ``torch.compile`` (batched path only; the first call compiles, which
             takes tens of seconds). ``meta_loss(...).backward()`` works the same. If
@@ -349,7 +350,6 @@ class MAML(nn.Module):
             for p in model.parameters():
                 shape = p.shape if learn_inner_lr == "per_element" else ()
                 self.inner_lrs.append(nn.Parameter(torch.full(shape, self.inner_lr, dtype=p.dtype)))
-        self._task_loss = self._replica_loss(model)  # (params, x, y) -> loss of f_params(x) on the module itself
         self.task_threads = task_threads
         self._replica_modules: list[nn.Module] = []  # one per thread, made on first use (not submodules)
         self._fused_twin: list[nn.Module | None] = []  # [the module's fused copy, or None], made on first use
@@ -398,13 +398,23 @@ class MAML(nn.Module):
         names = [n for n, _ in self.module.named_parameters()]
         return len(params) >= len(names) and all(n in params for n in names) and not _has_hooks(self.module)
 
+    def _task_loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
+        """The loss of f_params(x) on the module itself (a method, so that a copy of MAML uses its own module)."""
+        return self.loss_fn(self._call(self.module, params, x), y)
+
     def _replica_loss(self, replica: nn.Module) -> TaskLoss:
         return lambda params, x, y: self.loss_fn(self._call(replica, params, x), y)
 
-    def __getstate__(self):  # a thread pool cannot be pickled or deep-copied; it is rebuilt on use
+    def __getstate__(self):  # thread pools and compiled functions cannot be pickled or copied: rebuilt on use
         state = self.__dict__.copy()
         state["_pool"], state["_pool_size"], state["_replica_modules"], state["_fused_twin"] = None, 0, [], []
+        state["_compiled"] = self._compiled is not None
         return state
+
+    def __setstate__(self, state):
+        compiled = state.pop("_compiled")
+        super().__setstate__(state)
+        self._compiled = torch.compile(meta_gradient_functorch) if compiled else None
 
     def meta_parameters(self) -> Params:
         """theta, as a dict of the model's own parameter tensors (gradients flow to them)."""

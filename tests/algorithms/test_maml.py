@@ -225,3 +225,22 @@ def test_failed_compilation_warns_and_falls_back_to_eager(monkeypatch):
     with pytest.warns(RuntimeWarning, match="torch.compile of the meta-gradient failed .*no C\\+\\+ compiler"):
         got = flat_meta_grad(maml, batch)
     assert rel_error(got, flat_meta_grad(MAML(tiny_net(), F.mse_loss, 0.1, 1), batch)) < 1e-12
+
+
+def test_a_copy_of_maml_adapts_its_own_module_and_a_pickled_one_gives_the_same_meta_loss():
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1)).double()
+    maml = MAML(net, F.mse_loss, inner_lr=0.1, batched=False)  # running statistics: the looped path
+    batch = tasks()
+    twin = copy.deepcopy(maml)
+    original_stats = maml.module[1].running_mean.clone()
+    twin.meta_loss(batch)  # training mode: updates the running statistics of the module it runs
+    assert torch.equal(maml.module[1].running_mean, original_stats)
+    assert not torch.equal(twin.module[1].running_mean, original_stats)
+    twin.eval()  # the copy's own mode: its buffers (running statistics) normalise now
+    assert not torch.equal(twin.meta_loss(batch), maml.meta_loss(batch))
+    restored = pickle.loads(pickle.dumps(maml))
+    assert torch.equal(restored.meta_loss(batch), maml.meta_loss(batch))
