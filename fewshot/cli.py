@@ -89,27 +89,27 @@ def _prepare_device(name: str) -> None:
 
 
 def _train(args) -> int:
-    from fewshot.train import prepare_run_dir, rank_and_world, train, training_exit_status
+    from fewshot.train import check_trainable, prepare_run_dir, rank_and_world, train, training_exit_status
 
     _prepare_device(args.device)  # a bad --device fails before the run directory is touched
-    preset, on_device = cfg.preset, {"device": args.device}
+    preset, on_device, check = cfg.preset, {"device": args.device}, check_trainable
     if rl_cli.is_rl(args.preset):  # meta-RL presets: fewshot.rl's config and training loop
         if args.device != "cpu":
             raise cfg.ConfigError(f"--device {args.device!r}: meta-RL presets run on the CPU (NumPy/MuJoCo rollouts): allowed: cpu")
         train, preset = rl_cli.training()
-        on_device = {}
+        on_device, check = {}, None
     flags = [f"{k}={v}" for k, v in (("iterations", args.iterations), ("seed", args.seed)) if v is not None]
     config = cfg.with_overrides(preset(args.preset), args.set + flags)
     explicit = {a.partition("=")[0] for a in args.set + flags}
     run_dir = args.out or Path("runs") / args.preset
-    config, resume = prepare_run_dir(run_dir, config, args.resume, {k: getattr(config, k) for k in explicit})
+    config, resume = prepare_run_dir(run_dir, config, args.resume, {k: getattr(config, k) for k in explicit}, check=check)
     stopped = training_exit_status(
         "fewshot train", lambda: train(run_dir, config, resume=resume, progress=not args.no_progress, **on_device)
     )
     if stopped is not None:
         return stopped
-    if rank_and_world()[0] == 0:
-        print(f"trained {args.preset} for {config.iterations} iterations: {run_dir}")
+    if rank_and_world()[0] == 0:  # resumed: the run's stored config, whatever preset was named
+        print(f"trained {run_dir} for {config.iterations} iterations" + ("" if resume else f" ({args.preset})"))
     return 0
 
 
@@ -118,15 +118,19 @@ def _evaluated_runs(run_dirs: list[Path], device: str = "cpu", overrides: list[s
 
     ``overrides`` (KEY=VALUE) may change only ``cfg.EVALUATION_KEYS`` of each run's config.
     """
-    from fewshot import evaluate
+    from fewshot import evaluate, experiment
     from fewshot.train import load_run
 
     _prepare_device(device)  # a bad --device is reported before any run is read
     cfg.check_evaluation_overrides(overrides)
-    runs = {}
+    loaded = []  # every run read and its data checked before any is evaluated: bad input writes nothing
     for run_dir in run_dirs:
         config, method, state = load_run(run_dir, device)
         config = cfg.with_overrides(config, overrides)
+        experiment.check_episodes(config, splits=("val", "test"))
+        loaded.append((run_dir, config, method, state))
+    runs = {}
+    for run_dir, config, method, state in loaded:
         result = evaluate.evaluate(method, config)
         evaluate.save(result, run_dir, state["iteration"])
         name = run_dir.name if run_dir.name and run_dir.name not in runs else str(run_dir)

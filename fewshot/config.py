@@ -33,6 +33,9 @@ class ConfigError(ValueError):
     """Bad configuration input; the message names the key and what is allowed."""
 
 
+SINUSOID_VAL_SHOTS = 20  # support points of each fixed sinusoid meta-val/meta-test task (fewshot.tasks.sinusoid.fixed_tasks)
+
+
 def _f(default, help: str, **checks):
     return field(default=default, metadata={"help": help, **checks})
 
@@ -75,6 +78,8 @@ class Config:
         allowed = METHODS_FOR["sinusoid" if self.dataset == "sinusoid" else "classification"]
         if self.method not in allowed:
             raise ConfigError(f"method={self.method!r} with dataset={self.dataset!r}: allowed: {', '.join(allowed)}")
+        if self.dataset == "sinusoid" and self.k_shot > SINUSOID_VAL_SHOTS:
+            raise ConfigError(f"k_shot={self.k_shot}: sinusoid's fixed validation tasks have {SINUSOID_VAL_SHOTS} support points; allowed: 1..{SINUSOID_VAL_SHOTS}")
         if self.dataset != "sinusoid":
             group, per_class = self.query_group_size, self.query_group_size // self.n_way
             if per_class < 1 or group % self.n_way or self.eval_queries % per_class:
@@ -270,8 +275,15 @@ def from_toml(text: str, source: str = "config", cls=Config) -> Config:
         if type(value) is not expected or (expected is tuple and not all(type(v) is element for v in value)):
             raise ConfigError(f"{source}: {key} = {value!r}: expected {_type_name(fields[key])}")
         values[key] = value
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ConfigError as e:  # a check across keys (__post_init__): name the file
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def load(path: Path, cls=Config) -> Config:
-    return from_toml(path.read_text(), source=str(path), cls=cls)
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the run's config ({type(e).__name__}: {e.strerror if isinstance(e, OSError) else e})") from None
+    return from_toml(text, source=str(path), cls=cls)

@@ -80,16 +80,25 @@ def save(result: dict, run_dir: Path, iteration: int) -> None:
 
 
 def markdown_table(results: dict[str, dict]) -> str:
-    """One row per (run, K); columns MSE after the steps of the paper's Table 2."""
-    any_result = next(iter(results.values()))
-    steps = [s for s in TABLE_STEPS[any_result["metric"]] if s <= any_result["steps"]]
-    lines = [
-        "| run | K | " + " | ".join(f"{s} step{'s' if s != 1 else ''}" for s in steps) + " |",
-        "|---|---:|" + "---:|" * len(steps),
-    ]
-    for name, result in results.items():
-        for k, curve in result["by_shot"].items():
-            cells = [f"{curve[s]['mean']:.3f} ± {curve[s]['ci95']:.3f} ({curve[s]['median']:.3f})" for s in steps]
-            lines.append(f"| {name} | {k} | " + " | ".join(cells) + " |")
-    n, metric = any_result["n_tasks"], {"mse": "MSE", "accuracy": "Accuracy"}[any_result["metric"]]
-    return "\n".join(lines) + f"\n\n{metric} on {n} fixed meta-test tasks: mean ± 95% confidence interval (median).\n"
+    """A table per metric (MSE, accuracy), one row per (run, K); columns the metric after the steps of the
+    paper's Table 2, up to the most any of its runs took (blank past a run's own ``steps``)."""
+    tables = []
+    for metric in dict.fromkeys(result["metric"] for result in results.values()):
+        runs = {name: result for name, result in results.items() if result["metric"] == metric}
+        steps = [s for s in TABLE_STEPS[metric] if s <= max(result["steps"] for result in runs.values())]
+        lines = [
+            "| run | K | " + " | ".join(f"{s} step{'s' if s != 1 else ''}" for s in steps) + " |",
+            "|---|---:|" + "---:|" * len(steps),
+        ]
+        for name, result in runs.items():
+            for k, curve in result["by_shot"].items():
+                cells = [_cell(curve[s]) if s <= result["steps"] else "" for s in steps]
+                lines.append(f"| {name} | {k} | " + " | ".join(cells) + " |")
+        n_tasks = " / ".join(str(n) for n in dict.fromkeys(result["n_tasks"] for result in runs.values()))
+        title = {"mse": "MSE", "accuracy": "Accuracy"}[metric]
+        tables.append("\n".join(lines) + f"\n\n{title} on {n_tasks} fixed meta-test tasks: mean ± 95% confidence interval (median).\n")
+    return "\n".join(tables)
+
+
+def _cell(score: dict) -> str:
+    return f"{score['mean']:.3f} ± {score['ci95']:.3f} ({score['median']:.3f})"

@@ -17,7 +17,7 @@ from fewshot.algorithms import MAML, Oracle, Pretrained, TaskBatch
 from fewshot.algorithms.meta_lstm import MetaLSTM
 from fewshot.algorithms.metric import matching_network, prototypical_network
 from fewshot.algorithms.pretrained_classifier import PretrainedClassifier
-from fewshot.config import Config
+from fewshot.config import Config, ConfigError
 from fewshot.device import device_of
 from fewshot.models import Conv4, maml_init_, mlp
 from fewshot.tasks import sinusoid
@@ -104,6 +104,21 @@ def test_episode_batches(config: Config):
     name = f"{config.dataset}-test-{config.n_way}w{config.k_shot}s{config.eval_queries}q-{config.n_test_tasks}-seed{TEST_SEED}.pt"
     episodes = sampler.fixed_episodes(config.n_test_tasks, TEST_SEED, path=cache_root() / "episodes" / name)
     return sampler.batches(episodes, EVAL_BATCH)
+
+
+def check_episodes(config: Config, splits: tuple[str, ...] = ("train", "val", "test")) -> None:
+    """Load the config's dataset (DataError naming a missing file) and check that its episodes fit each of
+    ``splits``: n_way classes, k_shot + n_query (meta-train) or k_shot + eval_queries (meta-val and meta-test)
+    examples per class; a ConfigError naming the keys otherwise. The samplers are cached for the run."""
+    if config.dataset == "sinusoid":
+        return
+    for split in splits:
+        queries = "n_query" if split == "train" else "eval_queries"
+        try:
+            _episodes(config.dataset, split, config.n_way, config.k_shot, getattr(config, queries))
+        except ValueError as e:
+            raise ConfigError(f"n_way={config.n_way}, k_shot={config.k_shot}, {queries}={getattr(config, queries)} "
+                              f"on the {config.dataset} {split} split: {str(e).replace('q_queries', queries)}") from None  # fmt: skip
 
 
 @functools.lru_cache(maxsize=8)

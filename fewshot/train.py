@@ -30,12 +30,18 @@ import torch.distributed as dist
 from torch import nn
 
 from fewshot import experiment
-from fewshot.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from fewshot.checkpoint import atomic_write_text, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from fewshot.config import Config, ConfigError, load, to_toml
 from fewshot.device import resolve_device
 from fewshot.tasks.base import TaskBatch
 
 CONFIG_FILE, CHECKPOINT_FILE, METRICS_FILE = "config.toml", "checkpoint.pt", "metrics.csv"
+CHECKPOINT_KEYS = ("iteration", "method", "optimizer", "task_stream", "torch_rng", "interval_losses")
+# Methods whose training loss normalises the whole meta-batch as one batch-norm batch: a share of it per
+# process would normalise differently, so they train in one process.
+POOLED_BATCH_METHODS = ("finetune", "nearest")
+
+
 def metrics_columns(config: Config) -> tuple[str, ...]:
     return ("iteration", "train_loss", f"val_{experiment.metric_name(config)}", "seconds", "iterations_per_second")
 
@@ -65,13 +71,14 @@ def training_exit_status(command: str, run) -> int | None:
     return None
 
 
-def read_run(run_dir: Path, cls=Config) -> tuple:
-    """(config, checkpoint) of a run directory; a missing file is a ConfigError naming it."""
+def read_run(run_dir: Path, cls=Config, required: tuple[str, ...] = ("iteration", "method")) -> tuple:
+    """(config, checkpoint) of a run directory; a missing file, or a checkpoint without the ``required``
+    keys, is a ConfigError naming it."""
     run_dir = Path(run_dir)
     for name in (CONFIG_FILE, CHECKPOINT_FILE):
         if not (run_dir / name).is_file():
             raise ConfigError(f"run directory {run_dir}: no {name} (train a run there first)")
-    return load(run_dir / CONFIG_FILE, cls=cls), load_checkpoint(run_dir / CHECKPOINT_FILE)
+    return load(run_dir / CONFIG_FILE, cls=cls), load_checkpoint(run_dir / CHECKPOINT_FILE, required=required)
 
 
 def interrupted(run_dir: Path, iteration: int) -> TrainingInterrupted:
@@ -89,13 +96,17 @@ def load_run(run_dir: Path, device: str | None = None) -> tuple[Config, nn.Modul
     return config, method.to(resolve_device(device)), state
 
 
-def prepare_run_dir(run_dir: Path, config: Config, resume: bool, overrides: dict, extendable: tuple[str, ...] = ("iterations",)) -> tuple[Config, bool]:
+def prepare_run_dir(
+    run_dir: Path, config: Config, resume: bool, overrides: dict, extendable: tuple[str, ...] = ("iterations",), check=None
+) -> tuple[Config, bool]:
     """Write the config of a new run, or read and extend the config of a run to resume.
 
     Returns the config to train and whether a checkpoint is resumed: ``resume``
     without a checkpoint starts a new run, so a resumable command can be rerun.
     On resume, ``overrides`` (key -> value) other than the ``extendable`` keys
-    must equal the stored config's.
+    must equal the stored config's, and ``iterations`` cannot go below the
+    checkpoint's. ``check(config)``, if given, runs on the resolved config before
+    anything is written (so bad input leaves no half-made run directory).
     """
     run_dir = Path(run_dir)
     resume = resume and (run_dir / CHECKPOINT_FILE).is_file()
@@ -106,10 +117,16 @@ def prepare_run_dir(run_dir: Path, config: Config, resume: bool, overrides: dict
             allowed = f"only {', '.join('--' + k for k in extendable)}" if extendable else "its config is fixed"
             raise ConfigError(f"--resume: cannot change {', '.join(changed)} of an existing run ({allowed})")
         config = type(config)(**{**stored.__dict__, **{k: overrides[k] for k in extendable if k in overrides}})
-    else:
-        if (run_dir / CHECKPOINT_FILE).exists():
-            raise ConfigError(f"--out {run_dir}: holds a run already; pass --resume or choose another --out")
-        run_dir.mkdir(parents=True, exist_ok=True)
+        state = load_checkpoint(run_dir / CHECKPOINT_FILE)
+        done = state.get("iteration") if isinstance(state, dict) else None  # supervised and meta-RL runs count them
+        if "iterations" in extendable and isinstance(done, int):
+            if config.iterations < done:
+                raise ConfigError(f"--iterations {config.iterations}: the run in {run_dir} is at iteration {done} already; allowed: {done} or more")
+    elif (run_dir / CHECKPOINT_FILE).exists():
+        raise ConfigError(f"--out {run_dir}: holds a run already; pass --resume or choose another --out")
+    if check is not None:
+        check(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
     if rank_and_world()[0] == 0:
         atomic_write_text(run_dir / CONFIG_FILE, to_toml(config))
     return config, resume
@@ -125,43 +142,62 @@ def rank_and_world() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def check_trainable(config: Config) -> None:
+    """What would stop ``train`` before its first iteration, checked before anything is written: the number
+    of processes, the dataset's files (DataError) and whether its episodes fit (ConfigError)."""
+    _, world = rank_and_world()
+    if world > config.meta_batch:
+        raise ConfigError(f"{world} processes for meta_batch={config.meta_batch}: allowed: at most meta_batch processes")
+    if world > 1 and config.method in POOLED_BATCH_METHODS:
+        raise ConfigError(f"method={config.method!r} under {world} processes: its pre-training normalises a whole meta-batch "
+                          "as one batch-norm batch, which a share per process would change; allowed: one process")  # fmt: skip
+    experiment.check_episodes(config)
+
+
 def _share_of_meta_batch(method: nn.Module, batch: TaskBatch, rank: int, world: int) -> torch.Tensor:
-    """This process's tasks' loss, weighted so that the shares of all processes sum to the meta-batch mean."""
+    """This process's tasks' loss, weighted so that the shares of all processes sum to the meta-batch mean.
+    A method that clips its meta-gradient (Meta-LSTM) hands over its share unclipped: the sum is clipped."""
     if world == 1:
         return method.training_loss(batch)
     n_tasks = batch.support_x.shape[0]
     mine = torch.tensor_split(torch.arange(n_tasks), world)[rank]
     share = TaskBatch(*(None if t is None else t[mine] for t in batch))
-    return method.training_loss(share) * (len(mine) / n_tasks)
+    unclipped = {"clip": False} if hasattr(method, "clip_gradients_") else {}
+    return method.training_loss(share, **unclipped) * (len(mine) / n_tasks)
 
 
 def _sum_over_processes(method: nn.Module, loss: torch.Tensor, stop: bool, world: int) -> tuple[torch.Tensor, bool]:
     """All-reduce (sum) the gradients, the loss shares and the Ctrl-C flags; every process then holds the
-    full meta-gradient, and all stop after the same iteration if any one of them saw Ctrl-C."""
+    full meta-gradient (None where no process had one, as in one process), and all stop after the same
+    iteration if any one of them saw Ctrl-C."""
     if world == 1:
         return loss, stop
     params = list(method.parameters())
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-    flat = torch.cat([g.flatten() for g in grads] + [loss.detach().reshape(1), loss.new_full((1,), float(stop))])  # on the loss's device (NCCL)
+    flags = [float(stop)] + [float(p.grad is not None) for p in params]
+    flat = torch.cat([g.flatten() for g in grads] + [loss.detach().reshape(1), loss.new_tensor(flags)])  # on the loss's device (NCCL)
     dist.all_reduce(flat)
-    for p, g in zip(params, torch.split(flat[:-2], [g.numel() for g in grads])):
-        p.grad = g.view_as(p).clone()
-    return flat[-2], bool(flat[-1] > 0)
+    n = sum(g.numel() for g in grads)
+    stopped, has_grad = flat[n + 1] > 0, flat[n + 2 :] > 0
+    for p, g, has in zip(params, torch.split(flat[:n], [g.numel() for g in grads]), has_grad.tolist()):
+        p.grad = g.view_as(p).clone() if has else None
+    if hasattr(method, "clip_gradients_"):
+        method.clip_gradients_()
+    return flat[n], bool(stopped)
 
 
 def train(run_dir: Path, config: Config, resume: bool = False, progress: bool = True, device: str | None = None) -> nn.Module:
     """Meta-train ``config`` in ``run_dir`` (already prepared) on ``device``; returns the trained method."""
     run_dir = Path(run_dir)
     rank, world = rank_and_world()
-    if world > config.meta_batch:
-        raise ConfigError(f"{world} processes for meta_batch={config.meta_batch}: allowed: at most meta_batch processes")
+    check_trainable(config)
     device = resolve_device(device)
     method = experiment.build_method(config).to(device)  # seeds the initial weights from config.seed
     optimizer = _adam(method.parameters(), config.outer_lr)
     task_stream = torch.Generator().manual_seed(config.seed)
     start, interval_losses = 0, []
     if resume:
-        state = load_checkpoint(run_dir / CHECKPOINT_FILE)
+        state = load_checkpoint(run_dir / CHECKPOINT_FILE, required=CHECKPOINT_KEYS)
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
         task_stream.set_state(state["task_stream"])
@@ -170,6 +206,8 @@ def train(run_dir: Path, config: Config, resume: bool = False, progress: bool = 
         interval_losses = state["interval_losses"]
     metrics = _MetricsLog(run_dir / METRICS_FILE, metrics_columns(config), keep_until=start)
     val_tasks = [b.to(device) for b in experiment.validation_tasks(config)] if rank == 0 else []
+    if rank == 0:
+        remove_stale_temporaries(run_dir / CHECKPOINT_FILE)  # left by a process killed while writing one
 
     def checkpoint(iteration: int) -> None:
         if rank != 0:
@@ -199,11 +237,12 @@ def train(run_dir: Path, config: Config, resume: bool = False, progress: bool = 
             if not (torch.isfinite(loss) and _gradients_finite(method)):
                 bar.close()
                 what = f"non-finite gradient (loss {loss.item():.4g})" if torch.isfinite(loss) else f"loss {loss.item()}"
-                raise TrainingDiverged(
-                    f"training diverged at iteration {iteration}: {what}; "
-                    f"the last good checkpoint ({run_dir / CHECKPOINT_FILE}, iteration {last_checkpoint}) is kept. "
-                    "Lower inner_lr or outer_lr."
+                kept = (
+                    f"the last good checkpoint ({run_dir / CHECKPOINT_FILE}, iteration {last_checkpoint}) is kept"
+                    if (run_dir / CHECKPOINT_FILE).is_file()
+                    else "no checkpoint had been written yet"
                 )
+                raise TrainingDiverged(f"training diverged at iteration {iteration}: {what}; {kept}. Lower inner_lr or outer_lr.")
             optimizer.step()
             losses.append(loss.item())
             timed += 1
@@ -217,7 +256,7 @@ def train(run_dir: Path, config: Config, resume: bool = False, progress: bool = 
                 losses, t0, timed = [], time.perf_counter(), 0
                 checkpoint(iteration)
                 last_checkpoint = iteration
-            if stop:
+            if stop and iteration < config.iterations:  # at the last iteration the run is done anyway
                 checkpoint(iteration)
                 if world > 1:
                     dist.barrier()  # the others exit once rank 0's checkpoint is written
@@ -237,8 +276,7 @@ def _adam(parameters, lr: float) -> torch.optim.Adam:
 
 
 def _gradients_finite(method: nn.Module) -> bool:
-    grads = [p.grad for p in method.parameters() if p.grad is not None]
-    return bool(torch.isfinite(torch.stack([g.sum() for g in grads])).all()) if grads else True
+    return all(bool(torch.isfinite(p.grad).all()) for p in method.parameters() if p.grad is not None)
 
 
 class _CtrlC:
@@ -255,6 +293,8 @@ class _CtrlC:
         return self
 
     def _handle(self, signum, frame):
+        if self.pressed:  # a second Ctrl-C: stop now, without waiting for the iteration or a checkpoint
+            raise KeyboardInterrupt
         self.pressed = True
 
     def __exit__(self, *exc):

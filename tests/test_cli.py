@@ -61,6 +61,7 @@ def test_resume_extends_a_finished_run(runs, tmp_path):
         (["train", "sine-maml", "--set", "inner_lr=-1"], "inner_lr=-1.0: must be >= 0"),
         (["train", "sine-maml", "--set", "colour=red"], "--set colour: unknown key; allowed:"),
         (["train", "sine-maml", "--iterations", "0"], "iterations=0: must be >= 1"),
+        (["train", "sine-maml", "--set", "k_shot=21"], "k_shot=21: sinusoid's fixed validation tasks have 20 support points; allowed: 1..20"),
         (["eval", "no/such/run"], "run directory no/such/run: no config.toml"),
         (["plot", "no/such/run"], "run directory no/such/run: no config.toml"),
         (["train", "sine-maml", "--device", "tpu"], "--device 'tpu': allowed: cpu, cuda, cuda:N, auto"),
@@ -101,6 +102,52 @@ def test_existing_run_needs_resume_and_resume_cannot_change_the_config(runs, cap
     assert "holds a run already; pass --resume" in capsys.readouterr().err
     assert main(["train", "sine-maml", "--out", out, "--resume", "--set", "k_shot=5"]) == 2
     assert "cannot change k_shot of an existing run" in capsys.readouterr().err
+
+
+def test_an_unreadable_or_foreign_checkpoint_or_config_exits_2_naming_the_file(runs, tmp_path, capsys):
+    import torch
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.toml").write_text((runs / "sine-maml" / "config.toml").read_text())
+    for content, message in ((b"garbage", "not a readable fewshot checkpoint (UnpicklingError"),
+                             ((runs / "sine-maml" / "checkpoint.pt").read_bytes()[:100], "not a readable fewshot checkpoint (RuntimeError"),
+                             (None, "not a fewshot checkpoint of this kind (no iteration, method)")):  # fmt: skip
+        if content is None:
+            torch.save({"weights": torch.zeros(1)}, bad / "checkpoint.pt")
+        else:
+            (bad / "checkpoint.pt").write_bytes(content)
+        assert main(["eval", str(bad)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"{bad / 'checkpoint.pt'}: {message}" in err and len(err.splitlines()) == 1 and "weights_only" not in err
+    (bad / "config.toml").write_text('method = "protonet"\n')  # each key valid, the pair not
+    assert main(["eval", str(bad)]) == 2
+    assert f"{bad / 'config.toml'}: method='protonet' with dataset='sinusoid'" in capsys.readouterr().err
+    assert not (bad / "eval.json").exists()
+
+
+def test_missing_data_exits_2_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FEWSHOT_DATA", "unset")  # main sets it from --data-root; restored after the test
+    monkeypatch.setenv("FEWSHOT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert main(["train", "omniglot-5w1s-maml", "--out", str(out), "--data-root", str(tmp_path / "none")]) == 2
+    assert "missing dataset file images_background.zip" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_eval_table_puts_each_metric_in_its_own_table_with_each_runs_steps():
+    from fewshot.evaluate import markdown_table
+
+    def result(metric, steps, shots):
+        curve = [{"mean": 0.5 + s / 100, "ci95": 0.01, "median": 0.5} for s in range(steps + 1)]
+        return {"metric": metric, "steps": steps, "n_tasks": 600, "by_shot": {str(k): curve for k in shots}}
+
+    table = markdown_table({"five-way": result("accuracy", 10, [1]), "twenty-way": result("accuracy", 5, [1]), "sine": result("mse", 10, [5, 10])})
+    accuracy, mse = table.split("Accuracy on 600 fixed meta-test tasks")
+    assert "| run | K | 0 steps | 1 step | 3 steps | 5 steps | 10 steps |" in accuracy
+    assert "| twenty-way | 1 | 0.500 ± 0.010 (0.500) | 0.510 ± 0.010 (0.500) | 0.530 ± 0.010 (0.500) | 0.550 ± 0.010 (0.500) |  |" in accuracy
+    assert "| run | K | 0 steps | 1 step | 5 steps | 10 steps |" in mse and "| sine | 10 |" in mse and "sine" not in accuracy
+    assert mse.rstrip().endswith("MSE on 600 fixed meta-test tasks: mean ± 95% confidence interval (median).")
 
 
 def test_module_entry_point_exit_status():
@@ -144,3 +191,8 @@ def test_short_omniglot_maml_run_beats_chance(tmp_path, capsys, shared_data, omn
     assert "eval_query_batch=4: must be n_way=5 times a divisor of eval_queries=5" in capsys.readouterr().err
     assert main(["plot", out, "--data-root", str(shared_data)]) == 0
     assert (tmp_path / "omniglot" / "learning_curves.png").is_file()
+    # episodes that do not fit the data: refused naming the key, before anything is written
+    too_many = tmp_path / "too-many"
+    assert main(["train", "omniglot-5w1s-maml", "--out", str(too_many), "--data-root", str(shared_data), "--set", "n_query=20", "--set", "eval_query_batch=75"]) == 2
+    assert "n_query=20 on the omniglot train split: k_shot + n_query = 21 is more than the 20 examples" in capsys.readouterr().err
+    assert not too_many.exists()

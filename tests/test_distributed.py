@@ -84,3 +84,39 @@ def test_ctrl_c_reaching_one_process_stops_every_process_at_the_same_iteration_w
     assert load_checkpoint(run / "checkpoint.pt")["iteration"] == int(stopped[0])
     torchrun("train", "sine-maml", "--out", str(run), "--iterations", str(int(stopped[0]) + 5), "--resume", *ARGS)
     assert load_checkpoint(run / "checkpoint.pt")["iteration"] == int(stopped[0]) + 5
+
+
+
+def test_meta_lstm_shares_summed_over_processes_are_clipped_as_one_meta_batch(monkeypatch):
+    """Meta-LSTM clips its meta-gradient's norm: under torchrun the sum of the processes' shares is
+    clipped, not each share (the all-reduce simulated in one process: rank 1's tensor added to rank 0's)."""
+    import copy
+    import dataclasses
+
+    from fewshot import experiment
+    from fewshot import train as training
+    from fewshot.config import preset
+    from fewshot.tasks.base import TaskBatch
+
+    config = dataclasses.replace(preset("omniglot-5w1s-metalstm"), meta_batch=4, grad_clip=0.01, channels=4, inner_steps=2)
+    method = experiment.build_method(config)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(5)
+    batch = TaskBatch(torch.rand(4, 5, 1, 28, 28, generator=g), labels.repeat(4, 1),
+                      torch.rand(4, 75, 1, 28, 28, generator=g), labels.repeat_interleave(15).repeat(4, 1))  # fmt: skip
+    whole = copy.deepcopy(method)
+    whole.training_loss(batch).backward()
+    shares = [copy.deepcopy(method) for _ in range(2)]
+    losses = [training._share_of_meta_batch(m, batch, rank, 2) for rank, m in enumerate(shares)]
+    for loss in losses:
+        loss.backward()
+    sent = {}
+    monkeypatch.setattr(training.dist, "all_reduce", lambda flat: sent.setdefault("rank 1", flat.clone()))
+    training._sum_over_processes(shares[1], losses[1], False, 2)
+    monkeypatch.setattr(training.dist, "all_reduce", lambda flat: flat.add_(sent["rank 1"]))
+    loss, stop = training._sum_over_processes(shares[0], losses[0], False, 2)
+    assert not stop and torch.allclose(loss, whole.training_loss(batch).detach())
+    for (name, p), q in zip(whole.named_parameters(), shares[0].parameters()):
+        assert (p.grad is None) == (q.grad is None), name  # no gradient in one process: none after the all-reduce
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-9), name

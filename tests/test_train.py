@@ -122,3 +122,48 @@ print(faults, peak - resident_mb())
         measured[mode] = [float(v) for v in out.split()]  # page faults per repetition, MB given back
     assert measured["default"][0] > 2000 and measured["keep"][0] < 100  # ~8,500 and 0 here
     assert measured["default"][1] > 250 and measured["keep"][1] < 20  # ~300 and 0 here
+
+
+def test_non_finite_loss_before_any_checkpoint_says_none_was_written(tmp_path):
+    with pytest.raises(TrainingDiverged, match=r"diverged at iteration \d+: .*; no checkpoint had been written yet"):
+        run(tmp_path, "blowup", inner_lr=1e30)
+    assert not (tmp_path / "blowup" / "checkpoint.pt").exists()
+
+
+def test_ctrl_c_in_the_last_iteration_finishes_the_run(tmp_path, monkeypatch):
+    real_batch = experiment.training_batch
+    calls = {"n": 0}
+
+    def press_ctrl_c_at_30(config, generator):
+        calls["n"] += 1
+        if calls["n"] == 30:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_batch(config, generator)
+
+    monkeypatch.setattr(experiment, "training_batch", press_ctrl_c_at_30)
+    run(tmp_path, "last")  # no TrainingInterrupted: the run is complete
+    assert load_run(tmp_path / "last")[2]["iteration"] == 30
+
+
+def test_bad_input_is_refused_before_the_run_directory_is_written(tmp_path, monkeypatch):
+    from fewshot import train as training
+    from fewshot.config import ConfigError, preset
+
+    with pytest.raises(ConfigError, match="k_shot=21: sinusoid's fixed validation tasks have 20"):
+        Config(k_shot=21)
+    monkeypatch.setattr(training, "rank_and_world", lambda: (0, 2))  # as under torchrun with 2 processes
+    for config, message in ((Config(meta_batch=1), "2 processes for meta_batch=1"),
+                            (preset("omniglot-5w1s-finetune"), "method='finetune' under 2 processes")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            prepare_run_dir(tmp_path / "refused", config, False, {}, check=training.check_trainable)
+    assert not (tmp_path / "refused").exists()
+
+
+def test_resume_refuses_fewer_iterations_than_the_checkpoint_and_keeps_the_config(tmp_path):
+    from fewshot.config import ConfigError
+
+    run(tmp_path, "done")
+    before = (tmp_path / "done" / "config.toml").read_text()
+    with pytest.raises(ConfigError, match="--iterations 10: the run in .* is at iteration 30 already; allowed: 30 or more"):
+        prepare_run_dir(tmp_path / "done", Config(**{**SMALL, "iterations": 10}), True, {"iterations": 10})
+    assert (tmp_path / "done" / "config.toml").read_text() == before

@@ -214,6 +214,12 @@ def unroll(rule: UpdateRule, theta: Tensor, gradient: Gradient, batches) -> tupl
 # --------------------------------------------------------------------------- the user-facing class
 
 
+def _clip_scale(grads: list[Tensor], max_norm: float) -> Tensor:
+    """The factor that brings the gradients' joint norm down to ``max_norm`` (torch.nn.utils.clip_grad_norm_'s rule)."""
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    return (max_norm / (norm + 1e-6)).clamp(max=1.0)
+
+
 class MetaLSTM(nn.Module):
     """The Meta-LSTM meta-learner around an ordinary learner ``nn.Module``.
 
@@ -266,11 +272,13 @@ class MetaLSTM(nn.Module):
         theta, _ = unroll(self.meta_learner.rule(), self.initial_params, gradient, batches)
         return self.loss_fn(flat(theta, task.query_x), task.query_y)
 
-    def training_loss(self, tasks: TaskBatch) -> Tensor:
+    def training_loss(self, tasks: TaskBatch, clip: bool = True) -> Tensor:
         """Mean query loss over the meta-batch; on backward, its gradient clipped to ``grad_clip``.
 
         Each task's gradient is taken while the loss is formed (one task's graph
         alive at a time), summed, clipped, and handed over by the returned loss.
+        ``clip=False`` hands it over unclipped, for a share of a meta-batch whose
+        gradients are summed elsewhere first (``clip_gradients_`` then clips the sum).
         """
         tasks = TaskBatch(*tasks)
         n_tasks = tasks.support_x.shape[0]
@@ -283,11 +291,19 @@ class MetaLSTM(nn.Module):
             for grad, task_grad in zip(grads, torch.autograd.grad(loss, inputs, materialize_grads=True)):
                 grad.add_(task_grad)
             total = total + loss.detach()
-        if self.grad_clip > 0:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-            scale = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)  # torch.nn.utils.clip_grad_norm_'s rule
+        if clip and self.grad_clip > 0:
+            scale = _clip_scale(grads, self.grad_clip)
             grads = [g * scale for g in grads]
         return _PrecomputedGradient.apply(total, tuple(grads), *inputs)
+
+    def clip_gradients_(self) -> None:
+        """Clip the parameters' ``.grad`` (a meta-gradient summed over processes by ``fewshot.train``) to
+        ``grad_clip``, as ``training_loss`` clips a whole meta-batch's."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if self.grad_clip > 0 and grads:
+            scale = _clip_scale(grads, self.grad_clip)
+            for g in grads:
+                g.mul_(scale)
 
     meta_loss = training_loss
 

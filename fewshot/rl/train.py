@@ -34,7 +34,7 @@ def build_policy(config: RLConfig) -> GaussianPolicy:
 
 
 def load_run(run_dir: Path) -> tuple[RLConfig, GaussianPolicy, dict]:
-    config, state = read_run(run_dir, cls=RLConfig)
+    config, state = read_run(run_dir, cls=RLConfig, required=("iteration", "policy"))
     policy = build_policy(config)
     policy.load_state_dict(state["policy"])
     return config, policy, state
@@ -46,7 +46,7 @@ def train(run_dir: Path, config: RLConfig, resume: bool = False, progress: bool 
     policy = build_policy(config)
     start = 0
     if resume:
-        state = load_checkpoint(run_dir / CHECKPOINT_FILE)
+        state = load_checkpoint(run_dir / CHECKPOINT_FILE, required=("iteration", "policy"))
         policy.load_state_dict(state["policy"])
         start = state["iteration"]
     metrics = _MetricsLog(run_dir / METRICS_FILE, COLUMNS, keep_until=start)

@@ -286,7 +286,7 @@ def train_run(run_dir: Path, config: tscfg.ForecastConfig, log=print, resume: bo
     """
     run_dir = Path(run_dir)
     if resume:
-        state = load_checkpoint(run_dir / CHECKPOINT_FILE)
+        state = load_checkpoint(run_dir / CHECKPOINT_FILE, required=("groups",))
         state.setdefault("rows", [])
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -336,7 +336,7 @@ def load_run(run_dir: Path) -> tuple[tscfg.ForecastConfig, dict[str, tuple[Group
         if not (run_dir / name).is_file():
             raise ConfigError(f"RUN_DIR {run_dir}: no {name} (train one with `fewshot forecast train PRESET --out {run_dir}`)")
     config = tscfg.load(run_dir / CONFIG_FILE)
-    state = load_checkpoint(run_dir / CHECKPOINT_FILE)
+    state = load_checkpoint(run_dir / CHECKPOINT_FILE, required=("groups",))
     if not state["groups"]:
         raise ConfigError(f"RUN_DIR {run_dir}: training was interrupted before its first group was finished "
                           f"(continue it with `fewshot forecast train PRESET --out {run_dir} --resume`)")  # fmt: skip
