@@ -34,18 +34,24 @@ def test_short_meta_training_beats_the_pretrained_baseline(tmp_path):
     assert maml["curve"][10]["mean"] < 0.5 * maml["curve"][0]["mean"]  # adaptation itself helps
 
 
-def test_resume_after_ctrl_c_is_bit_identical(tmp_path, monkeypatch):
-    reference = run(tmp_path, "whole")
+def press_ctrl_c_at(monkeypatch, iteration: int):
+    """Ctrl-C (a real SIGINT) while the training batch of ``iteration`` is drawn; returns the real sampler."""
     real_batch = experiment.training_batch
     calls = {"n": 0}
 
-    def press_ctrl_c_at_17(config, generator):
+    def batch_with_ctrl_c(config, generator):
         calls["n"] += 1
-        if calls["n"] == 17:
+        if calls["n"] == iteration:
             os.kill(os.getpid(), signal.SIGINT)
         return real_batch(config, generator)
 
-    monkeypatch.setattr(experiment, "training_batch", press_ctrl_c_at_17)
+    monkeypatch.setattr(experiment, "training_batch", batch_with_ctrl_c)
+    return real_batch
+
+
+def test_resume_after_ctrl_c_is_bit_identical(tmp_path, monkeypatch):
+    reference = run(tmp_path, "whole")
+    real_batch = press_ctrl_c_at(monkeypatch, 17)
     with pytest.raises(TrainingInterrupted, match="interrupted at iteration 17"):
         run(tmp_path, "parts")
     monkeypatch.setattr(experiment, "training_batch", real_batch)
@@ -131,16 +137,7 @@ def test_non_finite_loss_before_any_checkpoint_says_none_was_written(tmp_path):
 
 
 def test_ctrl_c_in_the_last_iteration_finishes_the_run(tmp_path, monkeypatch):
-    real_batch = experiment.training_batch
-    calls = {"n": 0}
-
-    def press_ctrl_c_at_30(config, generator):
-        calls["n"] += 1
-        if calls["n"] == 30:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_batch(config, generator)
-
-    monkeypatch.setattr(experiment, "training_batch", press_ctrl_c_at_30)
+    press_ctrl_c_at(monkeypatch, 30)
     run(tmp_path, "last")  # no TrainingInterrupted: the run is complete
     assert load_run(tmp_path / "last")[2]["iteration"] == 30
 
