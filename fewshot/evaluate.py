@@ -81,11 +81,12 @@ def save(result: dict, run_dir: Path, iteration: int) -> None:
 
 def markdown_table(results: dict[str, dict]) -> str:
     """A table per metric (MSE, accuracy), one row per (run, K); columns the metric after the steps of the
-    paper's Table 2, up to the most any of its runs took (blank past a run's own ``steps``)."""
+    paper's Table 2 up to the most any of its runs took, and after each run's own ``steps`` (blank past them)."""
     tables = []
     for metric in dict.fromkeys(result["metric"] for result in results.values()):
         runs = {name: result for name, result in results.items() if result["metric"] == metric}
-        steps = [s for s in TABLE_STEPS[metric] if s <= max(result["steps"] for result in runs.values())]
+        most = max(result["steps"] for result in runs.values())  # the paper's step counts, and each run's own
+        steps = sorted({s for s in TABLE_STEPS[metric] if s <= most} | {result["steps"] for result in runs.values()})
         lines = [
             "| run | K | " + " | ".join(f"{s} step{'s' if s != 1 else ''}" for s in steps) + " |",
             "|---|---:|" + "---:|" * len(steps),

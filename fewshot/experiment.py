@@ -17,7 +17,7 @@ from fewshot.algorithms import MAML, Oracle, Pretrained, TaskBatch
 from fewshot.algorithms.meta_lstm import MetaLSTM
 from fewshot.algorithms.metric import matching_network, prototypical_network
 from fewshot.algorithms.pretrained_classifier import PretrainedClassifier
-from fewshot.config import Config, ConfigError
+from fewshot.config import SINUSOID_VAL_SHOTS, Config, ConfigError
 from fewshot.device import device_of
 from fewshot.models import Conv4, maml_init_, mlp
 from fewshot.tasks import sinusoid
@@ -95,7 +95,9 @@ def validation_tasks(config: Config) -> list[TaskBatch]:
 
 
 def test_tasks(config: Config) -> TaskBatch:
-    return sinusoid.fixed_tasks("test", config.n_test_tasks, max_shot=max(config.eval_shots))
+    """The fixed sinusoid test tasks, with every support point (evaluation takes the first K of them): the
+    same points whatever ``eval_shots`` a run has."""
+    return sinusoid.fixed_tasks("test", config.n_test_tasks, max_shot=SINUSOID_VAL_SHOTS)
 
 
 def test_episode_batches(config: Config):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -56,12 +57,16 @@ def figure2(runs: dict[str, tuple], out: Path, task_index: int = 0, shots: tuple
 
 
 def figure3(results: dict[str, dict], out: Path) -> Path:
-    """MSE against the number of inner steps at meta-test, one panel per K; per run its mean and its median."""
+    """The metric against the number of inner steps at meta-test, one panel per (metric, K) that any run
+    has (MSE on a log scale, accuracy); in each, every run with that K: its mean with the 95% CI, its median."""
     plt = pyplot()
-    shots = list(next(iter(results.values()))["by_shot"])
-    fig, axes = plt.subplots(1, len(shots), figsize=(4.2 * len(shots), 3.4), squeeze=False)
-    for ax, k in zip(axes[0], shots):
+    panels = list(dict.fromkeys((result["metric"], k) for result in results.values() for k in result["by_shot"]))
+    several_metrics = len({metric for metric, _ in panels}) > 1
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (metric, k) in zip(axes[0], panels):
         for name, result in results.items():
+            if result["metric"] != metric or k not in result["by_shot"]:
+                continue
             curve = result["by_shot"][k]
             steps = [p["step"] for p in curve]
             mean = torch.tensor([p["mean"] for p in curve])
@@ -69,41 +74,60 @@ def figure3(results: dict[str, dict], out: Path) -> Path:
             line = ax.plot(steps, mean, marker="o", markersize=3, label=f"{name} (mean, 95% CI)")[0]
             ax.fill_between(steps, mean - ci, mean + ci, alpha=0.2, color=line.get_color())
             ax.plot(steps, [p["median"] for p in curve], "--", color=line.get_color(), label=f"{name} (median)")
-        metric = next(iter(results.values()))["metric"]
-        ax.set_title(f"K = {k}")
+        ax.set_title(f"K = {k}" + (f" ({'MSE' if metric == 'mse' else 'accuracy'})" if several_metrics else ""))
         ax.set_xlabel("gradient steps at meta-test")
         ax.set_ylabel("mean squared error" if metric == "mse" else "accuracy")
         if metric == "mse":
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+        ax.legend(fontsize=8)
     return save_figure(fig, Path(out) / "figure3_learning_curves.png")
 
 
-def learning_curves(run_dirs: dict[str, Path], out: Path) -> Path:
-    """Validation metric of each run against meta-iterations and against wall-clock (from metrics.csv)."""
+def _validation_rows(run_dir: Path) -> tuple[str, list[list[float]]] | None:
+    """(metric column name, rows) of a run's metrics.csv; None, with a warning naming it, where it has no rows."""
     import csv
 
+    path = Path(run_dir) / "metrics.csv"
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    except OSError as e:
+        warnings.warn(f"{path}: not plotted ({e.strerror})", stacklevel=3)
+        return None
+    if len(rows) < 2:
+        warnings.warn(f"{path}: not plotted (no validation yet)", stacklevel=3)
+        return None
+    return rows[0][2], [[float(v) for v in r] for r in rows[1:]]
+
+
+def learning_curves(run_dirs: dict[str, Path], out: Path) -> Path:
+    """Validation metric of each run against meta-iterations and against wall-clock (from metrics.csv);
+    a row of panels per metric. Runs without a validation row yet are left out, with a warning."""
     from matplotlib import ticker
 
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    by_metric: dict[str, dict[str, list]] = {}
     for name, run_dir in run_dirs.items():
-        with open(Path(run_dir) / "metrics.csv", newline="") as f:
-            rows = list(csv.reader(f))
-        header, rows = rows[0], [[float(v) for v in r] for r in rows[1:]]
-        iterations = [r[0] for r in rows]
-        values = [r[2] for r in rows]
-        hours = torch.tensor([r[3] for r in rows]).cumsum(0) / 3600
-        axes[0].plot(iterations, values, marker="o", markersize=2, label=name)
-        axes[1].plot(hours, values, marker="o", markersize=2, label=name)
-    for ax, xlabel in zip(axes, ("meta-iterations", "wall-clock hours (training and validation)")):
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(header[2].replace("_", " "))
-        ax.grid(alpha=0.3)
-    axes[0].xaxis.set_major_locator(ticker.MaxNLocator(6, integer=True))  # tens of thousands: labels must not run together
-    axes[0].xaxis.set_major_formatter(ticker.StrMethodFormatter("{x:,.0f}"))
-    axes[0].legend(fontsize=8)
+        found = _validation_rows(run_dir)
+        if found is not None:
+            by_metric.setdefault(found[0], {})[name] = found[1]
+    fig, axes = plt.subplots(max(1, len(by_metric)), 2, figsize=(9, 3.4 * max(1, len(by_metric))), squeeze=False)
+    for row, (column, runs) in zip(axes, by_metric.items()):
+        for name, rows in runs.items():
+            values = [r[2] for r in rows]
+            hours = torch.tensor([r[3] for r in rows]).cumsum(0) / 3600
+            row[0].plot([r[0] for r in rows], values, marker="o", markersize=2, label=name)
+            row[1].plot(hours, values, marker="o", markersize=2, label=name)
+        for ax in row:
+            ax.set_ylabel(column.replace("_", " "))
+        row[0].legend(fontsize=8)
+    for row in axes:
+        for ax, xlabel in zip(row, ("meta-iterations", "wall-clock hours (training and validation)")):
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3)
+        row[0].xaxis.set_major_locator(ticker.MaxNLocator(6, integer=True))  # tens of thousands: labels must not run together
+        row[0].xaxis.set_major_formatter(ticker.StrMethodFormatter("{x:,.0f}"))
     return save_figure(fig, Path(out) / "learning_curves.png")
 
 

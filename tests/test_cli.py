@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fewshot.cli import main
 
@@ -148,6 +149,37 @@ def test_eval_table_puts_each_metric_in_its_own_table_with_each_runs_steps():
     assert "| twenty-way | 1 | 0.500 ± 0.010 (0.500) | 0.510 ± 0.010 (0.500) | 0.530 ± 0.010 (0.500) | 0.550 ± 0.010 (0.500) |  |" in accuracy
     assert "| run | K | 0 steps | 1 step | 5 steps | 10 steps |" in mse and "| sine | 10 |" in mse and "sine" not in accuracy
     assert mse.rstrip().endswith("MSE on 600 fixed meta-test tasks: mean ± 95% confidence interval (median).")
+    own_steps = markdown_table({"metalstm": result("accuracy", 8, [1])})  # the run's own step count has a column
+    assert "| 5 steps | 8 steps |" in own_steps and "| 0.580 ± 0.010 (0.500) |" in own_steps
+
+
+def test_plots_of_runs_with_different_shots_metrics_or_no_validation_yet(tmp_path):
+    from fewshot import plots
+
+    def result(metric, shots):
+        curve = [{"step": s, "mean": 0.5, "ci95": 0.01, "median": 0.5} for s in range(4)]
+        return {"metric": metric, "by_shot": {str(k): curve for k in shots}}
+
+    figure = plots.figure3({"5w1s": result("accuracy", [1]), "5w5s": result("accuracy", [5]), "sine": result("mse", [5, 10])}, tmp_path)
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runs = {}
+    for name, text in (("sine", "iteration,train_loss,val_mse,seconds,iterations_per_second\n10,1.0,0.5,2.0,5.0\n"),
+                       ("omniglot", "iteration,train_loss,val_accuracy,seconds,iterations_per_second\n10,1.0,0.9,2.0,5.0\n"),
+                       ("new", "")):  # fmt: skip
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.csv").write_text(text)
+        runs[name] = tmp_path / name
+    with pytest.warns(UserWarning, match="new/metrics.csv: not plotted"):
+        curves = plots.learning_curves(runs, tmp_path)
+    assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sinusoid_test_points_do_not_depend_on_the_evaluated_shots():
+    from fewshot import experiment
+    from fewshot.config import Config
+
+    default, fewer = experiment.test_tasks(Config(n_test_tasks=5)), experiment.test_tasks(Config(n_test_tasks=5, eval_shots=(5,)))
+    assert all(torch.equal(a, b) for a, b in zip(default, fewer))
 
 
 def test_module_entry_point_exit_status():

@@ -75,7 +75,7 @@ class PretrainedClassifier(nn.Module):
 
     def _finetuner(self) -> MAML:
         """Pre-trained features with a fresh, zero N-way head, fine-tuned by MAML's inner loop (SGD)."""
-        head = nn.Linear(self.head.in_features, self.n_way)
+        head = nn.Linear(self.head.in_features, self.n_way, device=self.head.weight.device, dtype=self.head.weight.dtype)  # where the features are
         nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)
         return MAML(nn.Sequential(self.features, nn.Flatten(), head), F.cross_entropy, inner_lr=self.finetune_lr)

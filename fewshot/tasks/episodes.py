@@ -25,6 +25,7 @@ from torch import Tensor
 
 from fewshot.checkpoint import load_checkpoint, save_checkpoint
 from fewshot.metrics import mean_ci95
+from fewshot.tasks.data_root import DataError
 from fewshot.tasks.base import TaskBatch
 
 
@@ -111,7 +112,9 @@ class Episodes:
 
     @classmethod
     def load(cls, path: Path) -> "Episodes":
-        return cls(**load_checkpoint(Path(path)))
+        keys = ("support_idx", "query_idx", "support_y", "query_y")
+        state = load_checkpoint(Path(path), required=keys)  # a ConfigError naming the file otherwise
+        return cls(**{k: state[k] for k in keys})
 
 
 class EpisodeSampler:
@@ -128,6 +131,8 @@ class EpisodeSampler:
             if not (isinstance(value, int) and value >= low):
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         classes = [int(c) for c in classes]
+        if any(c < 0 for c in classes):
+            raise ValueError(f"classes must be class ids >= 0, got {min(classes)}")
         check_disjoint({"classes": classes})
         if n_way > len(classes):
             raise ValueError(f"n_way={n_way} is larger than the {len(classes)} classes of this split; allowed: 1..{len(classes)}")
@@ -193,14 +198,37 @@ class EpisodeSampler:
         if path is not None and Path(path).is_file():
             saved = Episodes.load(path)
             shape = (n_episodes, self.n_way * self.k_shot, self.n_way * self.q_queries)
-            if (len(saved), saved.support_idx.shape[1], saved.query_idx.shape[1]) == shape:
-                return saved
-            raise ValueError(f"{path}: holds episodes of another shape; remove it or choose another path")
+            if (len(saved), saved.support_idx.shape[1], saved.query_idx.shape[1]) != shape:
+                raise DataError(f"{path}: holds episodes of another shape; delete it to draw them again, or choose another path")
+            problem = self._problem_with(saved)
+            if problem:
+                raise DataError(f"{path}: {problem} (a stale or foreign file); delete it to draw the episodes again")
+            return saved
         episodes = self.sample_indices(n_episodes, torch.Generator().manual_seed(seed))
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             episodes.save(path)
         return episodes
+
+    def _problem_with(self, episodes: Episodes) -> str | None:
+        """What makes saved episodes not episodes of this sampler (None if nothing): indices outside the
+        collection, classes outside this split, a label standing for two classes, a query in its support set."""
+        n_examples = len(self.collection.labels)
+        indices = torch.cat([episodes.support_idx, episodes.query_idx], 1)
+        labels = torch.cat([episodes.support_y, episodes.query_y], 1)
+        if indices.dtype != torch.int64 or labels.dtype != torch.int64 or indices.min() < 0 or indices.max() >= n_examples:
+            return f"its indices are not those of this collection's {n_examples} examples"
+        if labels.min() < 0 or labels.max() >= self.n_way:
+            return f"its labels are not 0..{self.n_way - 1}"
+        classes = self.collection.labels[indices]
+        if not torch.isin(classes, self.classes).all():
+            return "its episodes use classes outside this split"
+        class_of_label = torch.full((len(episodes), self.n_way), -1, dtype=classes.dtype).scatter_(1, labels, classes)
+        if not torch.equal(class_of_label.gather(1, labels), classes):
+            return "a label in its episodes stands for more than one class"
+        if (episodes.support_idx[:, :, None] == episodes.query_idx[:, None, :]).any():
+            return "a query of its episodes is in its own support set"
+        return None
 
     def batches(self, episodes: Episodes, batch_size: int) -> Iterator[TaskBatch]:
         """The episodes in order, ``batch_size`` at a time."""

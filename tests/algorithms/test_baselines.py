@@ -94,3 +94,7 @@ def test_finetune_step_size_is_picked_by_validation_accuracy_ties_to_the_smaller
     assert classifier.tune_step_size(accuracy, grid=(0.0,)) == 0.0 and accuracy() == 0.5
     with pytest.raises(ValueError, match="fine-tuning"):
         PretrainedClassifier(torch.nn.Identity(), 2, [0, 1], n_way=2, evaluation="nearest").tune_step_size(accuracy)
+    # the fresh head for fine-tuning follows the classifier's dtype (and device: a GPU run crashed here)
+    classifier.double()
+    double = TaskBatch(batch.support_x.double(), support_y, batch.query_x.double(), query_y)
+    assert classifier.adaptation_curve(double, 1)[-1].dtype == torch.float64

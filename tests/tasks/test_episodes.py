@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from fewshot.tasks.data_root import DataError
+
 from fewshot.tasks.episodes import ArrayCollection, EpisodeSampler, Episodes, accuracy_with_ci, check_disjoint
 
 
@@ -61,8 +63,26 @@ def test_fixed_episodes_are_saved_and_reused(tmp_path):
     assert torch.equal(Episodes.load(path).support_idx, first.support_idx)
     batches = list(sampler.batches(first, 256))
     assert [b.support_x.shape[0] for b in batches] == [256, 256, 88]
-    with pytest.raises(ValueError, match="another shape"):
+    with pytest.raises(DataError, match="another shape; delete it"):
         EpisodeSampler(collection(), classes=range(10), n_way=3, k_shot=1, q_queries=2).fixed_episodes(600, path=path)
+
+
+def test_saved_episodes_of_another_split_or_broken_ones_are_refused_naming_the_file(tmp_path):
+    data = collection(n_classes=20)
+    train, test = (EpisodeSampler(data, classes=c, n_way=5, k_shot=1, q_queries=2) for c in (range(10), range(10, 20)))
+    path = tmp_path / "test_episodes.pt"
+    train.fixed_episodes(50, seed=3, path=path)  # saved by the training split's sampler: stale for the test split
+    with pytest.raises(DataError, match="classes outside this split.*delete it"):
+        test.fixed_episodes(50, path=path)
+    good = test.fixed_episodes(50, path=tmp_path / "good.pt")
+    broken = {
+        "two classes under one label": good.__class__(good.support_idx, good.query_idx.roll(1, 0), good.support_y, good.query_y),
+        "queries in the support set": good.__class__(good.support_idx, good.support_idx.repeat(1, 2), good.support_y, good.query_y),
+    }
+    for what, episodes in broken.items():
+        episodes.save(path)
+        with pytest.raises(DataError, match="stands for more than one class|in its own support set"):
+            test.fixed_episodes(50, path=path)
 
 
 def test_accuracy_with_ci():
