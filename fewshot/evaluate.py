@@ -20,7 +20,8 @@ TABLE_STEPS = {"mse": (0, 1, 5, 10), "accuracy": (0, 1, 3, 5, 10)}  # the paper'
 
 
 def _summary(step: int, errors: torch.Tensor) -> dict:
-    """One point of a curve: mean and 95% CI over tasks, and the median (robust to a few diverging tasks)."""
+    """One point of a curve: mean and 95% CI over tasks, and the median (robust to a few diverging tasks;
+    ``torch.median``'s: of an even count, the lower of the two middle values, e.g. the 300th of 600)."""
     mean, ci95 = mean_ci95(errors)
     diverged_last = errors.nan_to_num(nan=float("inf"))  # a NaN error is a diverged task: the worst, not unordered
     return {"step": step, "mean": mean, "ci95": ci95, "median": diverged_last.median().item(), "n_tasks": errors.numel()}
