@@ -262,6 +262,8 @@ def train(run_dir: Path, config: Config, resume: bool = False, progress: bool = 
                     dist.barrier()  # the others exit once rank 0's checkpoint is written
                 bar.close()
                 raise interrupted(run_dir, iteration)
+    if world > 1:
+        dist.barrier()  # every process leaves once rank 0 has validated and written the last checkpoint
     bar.close()
     return method
 
