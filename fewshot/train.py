@@ -294,9 +294,7 @@ class _CtrlC:
             self._previous = None
         return self
 
-    def _handle(self, signum, frame):
-        if self.pressed:  # a second Ctrl-C: stop now, without waiting for the iteration or a checkpoint
-            raise KeyboardInterrupt
+    def _handle(self, signum, frame):  # every Ctrl-C alike: under torchrun a worker gets the terminal's and the agent's
         self.pressed = True
 
     def __exit__(self, *exc):
