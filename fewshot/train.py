@@ -117,10 +117,10 @@ def prepare_run_dir(
             allowed = f"only {', '.join('--' + k for k in extendable)}" if extendable else "its config is fixed"
             raise ConfigError(f"--resume: cannot change {', '.join(changed)} of an existing run ({allowed})")
         config = type(config)(**{**stored.__dict__, **{k: overrides[k] for k in extendable if k in overrides}})
-        state = load_checkpoint(run_dir / CHECKPOINT_FILE)
-        done = state.get("iteration") if isinstance(state, dict) else None  # supervised and meta-RL runs count them
-        if "iterations" in extendable and isinstance(done, int):
-            if config.iterations < done:
+        if "iterations" in extendable:  # supervised and meta-RL checkpoints count iterations; forecast ones do not extend
+            state = load_checkpoint(run_dir / CHECKPOINT_FILE)
+            done = state.get("iteration") if isinstance(state, dict) else None
+            if isinstance(done, int) and config.iterations < done:
                 raise ConfigError(f"--iterations {config.iterations}: the run in {run_dir} is at iteration {done} already; allowed: {done} or more")
     elif (run_dir / CHECKPOINT_FILE).exists():
         raise ConfigError(f"--out {run_dir}: holds a run already; pass --resume or choose another --out")
