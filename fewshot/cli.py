@@ -89,20 +89,22 @@ def _prepare_device(name: str) -> None:
 
 
 def _train(args) -> int:
-    from fewshot.train import check_trainable, prepare_run_dir, rank_and_world, train, training_exit_status
+    from fewshot.train import CHECKPOINT_KEYS, check_trainable, prepare_run_dir, rank_and_world, train, training_exit_status
 
     _prepare_device(args.device)  # a bad --device fails before the run directory is touched
-    preset, on_device, check = cfg.preset, {"device": args.device}, check_trainable
+    preset, on_device, check, checkpoint_keys = cfg.preset, {"device": args.device}, check_trainable, CHECKPOINT_KEYS
     if rl_cli.is_rl(args.preset):  # meta-RL presets: fewshot.rl's config and training loop
         if args.device != "cpu":
             raise cfg.ConfigError(f"--device {args.device!r}: meta-RL presets run on the CPU (NumPy/MuJoCo rollouts): allowed: cpu")
-        train, preset = rl_cli.training()
+        train, preset, checkpoint_keys = rl_cli.training()
         on_device, check = {}, None
     flags = [f"{k}={v}" for k, v in (("iterations", args.iterations), ("seed", args.seed)) if v is not None]
     config = cfg.with_overrides(preset(args.preset), args.set + flags)
     explicit = {a.partition("=")[0] for a in args.set + flags}
     run_dir = args.out or Path("runs") / args.preset
-    config, resume = prepare_run_dir(run_dir, config, args.resume, {k: getattr(config, k) for k in explicit}, check=check)
+    config, resume = prepare_run_dir(
+        run_dir, config, args.resume, {k: getattr(config, k) for k in explicit}, check=check, checkpoint_keys=checkpoint_keys
+    )
     stopped = training_exit_status(
         "fewshot train", lambda: train(run_dir, config, resume=resume, progress=not args.no_progress, **on_device)
     )

@@ -97,7 +97,8 @@ def load_run(run_dir: Path, device: str | None = None) -> tuple[Config, nn.Modul
 
 
 def prepare_run_dir(
-    run_dir: Path, config: Config, resume: bool, overrides: dict, extendable: tuple[str, ...] = ("iterations",), check=None
+    run_dir: Path, config: Config, resume: bool, overrides: dict, extendable: tuple[str, ...] = ("iterations",), check=None,
+    checkpoint_keys: tuple[str, ...] = (),
 ) -> tuple[Config, bool]:
     """Write the config of a new run, or read and extend the config of a run to resume.
 
@@ -105,8 +106,9 @@ def prepare_run_dir(
     without a checkpoint starts a new run, so a resumable command can be rerun.
     On resume, ``overrides`` (key -> value) other than the ``extendable`` keys
     must equal the stored config's, and ``iterations`` cannot go below the
-    checkpoint's. ``check(config)``, if given, runs on the resolved config before
-    anything is written (so bad input leaves no half-made run directory).
+    checkpoint's, whose ``checkpoint_keys`` are checked then. ``check(config)``, if
+    given, runs on the resolved config before anything is written (so bad input
+    leaves no half-made run directory).
     """
     run_dir = Path(run_dir)
     resume = resume and (run_dir / CHECKPOINT_FILE).is_file()
@@ -118,7 +120,7 @@ def prepare_run_dir(
             raise ConfigError(f"--resume: cannot change {', '.join(changed)} of an existing run ({allowed})")
         config = type(config)(**{**stored.__dict__, **{k: overrides[k] for k in extendable if k in overrides}})
         if "iterations" in extendable:  # supervised and meta-RL checkpoints count iterations; forecast ones do not extend
-            state = load_checkpoint(run_dir / CHECKPOINT_FILE)
+            state = load_checkpoint(run_dir / CHECKPOINT_FILE, required=checkpoint_keys)
             done = state.get("iteration") if isinstance(state, dict) else None
             if isinstance(done, int) and config.iterations < done:
                 raise ConfigError(f"--iterations {config.iterations}: the run in {run_dir} is at iteration {done} already; allowed: {done} or more")

@@ -121,6 +121,10 @@ def test_an_unreadable_or_foreign_checkpoint_or_config_exits_2_naming_the_file(r
         assert main(["eval", str(bad)]) == 2
         err = capsys.readouterr().err.strip()
         assert f"{bad / 'checkpoint.pt'}: {message}" in err and len(err.splitlines()) == 1 and "weights_only" not in err
+    config = (bad / "config.toml").read_text()  # resuming the foreign one (a dict without a run's keys) writes nothing
+    assert main(["train", "sine-maml", "--out", str(bad), "--resume", "--iterations", "99"]) == 2
+    assert "not a fewshot checkpoint of this kind (no iteration, method" in capsys.readouterr().err
+    assert (bad / "config.toml").read_text() == config and "99" not in config
     (bad / "config.toml").write_text('method = "protonet"\n')  # each key valid, the pair not
     assert main(["eval", str(bad)]) == 2
     assert f"{bad / 'config.toml'}: method='protonet' with dataset='sinusoid'" in capsys.readouterr().err

@@ -21,11 +21,11 @@ def _require_gymnasium() -> None:
 
 
 def training():
-    """(the training function, the preset lookup) of meta-RL runs, for ``fewshot train``."""
+    """(the training function, the preset lookup, a checkpoint's keys) of meta-RL runs, for ``fewshot train``."""
     _require_gymnasium()
-    from fewshot.rl.train import train
+    from fewshot.rl.train import CHECKPOINT_KEYS, train
 
-    return train, rl_config.preset
+    return train, rl_config.preset, CHECKPOINT_KEYS
 
 
 def evaluate(args) -> int:

@@ -32,7 +32,7 @@ class RLConfig:
     cg_damping: float = _f(1e-5, "damping added to the KL Hessian-vector products", min=0.0)
     hvp_tasks: int = _f(5, "tasks of the meta-batch whose KL gives the Hessian-vector products of the TRPO step (a subset, like rllab's subsample_factor, because each product is the dominant cost); 0: all", min=0)
     line_search_steps: int = _f(15, "backtracking steps of the TRPO line search (step halved each time)", min=1)
-    iterations: int = _f(300, "meta-iterations (2D navigation: about 40 minutes on 2 CPU cores, BENCHMARKS.md)", min=1)
+    iterations: int = _f(300, "meta-iterations (2D navigation: about 20 minutes on 2 CPU cores, BENCHMARKS.md)", min=1)
     seed: int = _f(0, "seed of the initial policy, the training tasks and the action noise", min=0)
     checkpoint_every: int = _f(10, "meta-iterations between checkpoints", min=1)
     n_test_tasks: int = _f(40, "fixed evaluation tasks, the same for every run of a task family (2D navigation: the goals of the authors' test script, those of the paper's Table 4)", min=1)

@@ -26,6 +26,8 @@ from fewshot.train import CHECKPOINT_FILE, METRICS_FILE, TrainingDiverged, _Ctrl
 COLUMNS = ("iteration", "return_before", "return_after", "surrogate_after", "kl", "backtracks", "seconds", "env_steps_per_second")
 
 
+CHECKPOINT_KEYS = ("iteration", "policy")  # what a meta-RL checkpoint must hold
+
 def build_policy(config: RLConfig) -> GaussianPolicy:
     """The policy for ``config``, initialised from ``config.seed``."""
     torch.manual_seed(config.seed)
@@ -34,7 +36,7 @@ def build_policy(config: RLConfig) -> GaussianPolicy:
 
 
 def load_run(run_dir: Path) -> tuple[RLConfig, GaussianPolicy, dict]:
-    config, state = read_run(run_dir, cls=RLConfig, required=("iteration", "policy"))
+    config, state = read_run(run_dir, cls=RLConfig, required=CHECKPOINT_KEYS)
     policy = build_policy(config)
     policy.load_state_dict(state["policy"])
     return config, policy, state
@@ -46,7 +48,7 @@ def train(run_dir: Path, config: RLConfig, resume: bool = False, progress: bool 
     policy = build_policy(config)
     start = 0
     if resume:
-        state = load_checkpoint(run_dir / CHECKPOINT_FILE, required=("iteration", "policy"))
+        state = load_checkpoint(run_dir / CHECKPOINT_FILE, required=CHECKPOINT_KEYS)
         policy.load_state_dict(state["policy"])
         start = state["iteration"]
     metrics = _MetricsLog(run_dir / METRICS_FILE, COLUMNS, keep_until=start)
