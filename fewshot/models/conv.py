@@ -4,7 +4,9 @@ Each block: 3x3 convolution, batch norm, ReLU, then 2x2 max-pooling (or, for the
 paper's Omniglot variant, stride-2 convolutions instead of pooling). Batch norm
 uses the statistics of the batch it is given and keeps no running statistics
 (``track_running_stats=False``), as in the MAML code; its scale and shift are
-ordinary parameters, adapted in the inner loop like every other.
+ordinary parameters, adapted in the inner loop like every other. The head reads the
+flattened last feature map (256 features for the strided 28x28 net; the authors' code
+averages that 2x2 map into 64: README.md lists this and the other differences).
 """
 
 from torch import Tensor, nn
@@ -13,7 +15,7 @@ from torch import Tensor, nn
 class Conv4(nn.Module):
     """4 x [conv3x3(hidden), BN, ReLU, pool] and a linear head to ``n_way`` logits (pool before ReLU: equal).
 
-    ``image_size`` 28 (Omniglot) -> 14 -> 7 -> 3 -> 1; 84 (miniImageNet) -> 5 x 5 features.
+    ``image_size`` 28 (Omniglot) -> 14 -> 7 -> 3 -> 1 (strided: -> 14 -> 7 -> 4 -> 2); 84 (miniImageNet) -> 5 x 5 features.
     """
 
     def __init__(self, n_way: int, in_channels: int = 1, hidden: int = 64, image_size: int = 28, strided: bool = False):
