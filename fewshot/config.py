@@ -27,6 +27,7 @@ METHODS_FOR = {
 LEARN_INNER_LR = ("none", "per_tensor", "per_element")
 BATCHED = ("auto", "yes", "no")
 INITS = ("torch", "maml")
+LOSS_REDUCTIONS = ("mean", "per_shot")
 
 
 class ConfigError(ValueError):
@@ -57,6 +58,7 @@ class Config:
     inner_lr: float = _f(0.01, "inner-loop step size alpha (fine-tuning step size of the baselines)", min=0.0)
     inner_steps: int = _f(1, "inner gradient steps at meta-training", min=0)
     first_order: bool = _f(False, "first-order MAML: drop second derivatives")
+    loss_reduction: str = _f("mean", "classification, maml: a task's cross-entropy averaged over its examples (mean), or summed and divided by k_shot (per_shot), the loss of the authors' code, on which the paper's step sizes act as on n_way x the mean", choices=LOSS_REDUCTIONS)
     learn_inner_lr: str = _f("none", "learn alpha (Meta-SGD): none, per_tensor or per_element", choices=LEARN_INNER_LR)
     tune_inner_lr: bool = _f(False, "pick the fine-tuning step size on meta-val tasks (the paper's pretrained baseline)")
     batched: str = _f("auto", "adapt the meta-batch in one vmapped call: auto (measured choice), yes, no", choices=BATCHED)
@@ -80,6 +82,8 @@ class Config:
             raise ConfigError(f"method={self.method!r} with dataset={self.dataset!r}: allowed: {', '.join(allowed)}")
         if self.dataset == "sinusoid" and self.k_shot > SINUSOID_VAL_SHOTS:
             raise ConfigError(f"k_shot={self.k_shot}: sinusoid's fixed validation tasks have {SINUSOID_VAL_SHOTS} support points; allowed: 1..{SINUSOID_VAL_SHOTS}")
+        if self.loss_reduction != "mean" and (self.dataset == "sinusoid" or self.method != "maml"):
+            raise ConfigError(f"loss_reduction={self.loss_reduction!r}: applies to MAML classification only; allowed here: mean")
         if self.dataset != "sinusoid":
             group, per_class = self.query_group_size, self.query_group_size // self.n_way
             if per_class < 1 or group % self.n_way or self.eval_queries % per_class:

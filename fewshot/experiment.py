@@ -42,6 +42,8 @@ def build_method(config: Config) -> nn.Module:
                                         evaluation=config.method, finetune_lr=config.inner_lr)  # fmt: skip
         if config.method == "metalstm":
             return MetaLSTM(learner, F.cross_entropy, steps=config.inner_steps, batch_size=config.support_batch, grad_clip=config.grad_clip)
+        if config.loss_reduction == "per_shot":
+            return _maml(config, learner, functools.partial(cross_entropy_per_shot, k_shot=config.k_shot))
         return _maml(config, learner, F.cross_entropy)
     in_features = 1 + TASK_INFO_FEATURES if config.method == "oracle" else 1
     model = mlp(in_features, config.hidden, 1)
@@ -52,6 +54,14 @@ def build_method(config: Config) -> nn.Module:
     if config.method == "pretrained":
         return Pretrained(model, F.mse_loss, finetune_lr=config.inner_lr)
     return _maml(config, model, F.mse_loss)
+
+
+def cross_entropy_per_shot(logits: Tensor, labels: Tensor, k_shot: int) -> Tensor:
+    """A task's cross-entropy summed over its examples and divided by K: the loss of the authors'
+    MAML code (``xent`` in cbfinn/maml's utils.py, whose per-example values ``tf.gradients`` sums).
+    On an N-way K-shot support set it is N x the mean, so the paper's step sizes (0.4 for 5-way,
+    0.1 for 20-way) are N times larger steps on the mean loss."""
+    return F.cross_entropy(logits, labels, reduction="sum") / k_shot
 
 
 def _maml(config: Config, model: nn.Module, loss_fn) -> MAML:

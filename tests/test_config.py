@@ -27,6 +27,8 @@ def test_overrides_parse_by_type():
         ("first_order=maybe", "expected true or false"),
         ("eval_shots=5,30", "eval_shots=30: must be <= 20"),
         ("k_shot", "expected key=value"),
+        ("loss_reduction=per_shot", "loss_reduction='per_shot': applies to MAML classification only; allowed here: mean"),
+        ("loss_reduction=sum", "loss_reduction='sum': allowed values are mean, per_shot"),
     ],
 )
 def test_bad_overrides_name_the_key_and_allowed_values(assignment, message):
