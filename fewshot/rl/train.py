@@ -28,6 +28,7 @@ COLUMNS = ("iteration", "return_before", "return_after", "surrogate_after", "kl"
 
 CHECKPOINT_KEYS = ("iteration", "policy")  # what a meta-RL checkpoint must hold
 
+
 def build_policy(config: RLConfig) -> GaussianPolicy:
     """The policy for ``config``, initialised from ``config.seed``."""
     torch.manual_seed(config.seed)
