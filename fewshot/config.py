@@ -74,6 +74,7 @@ class Config:
     eval_query_batch: int = _f(0, "classification: queries scored per forward pass at validation and test, the same number of every class (batch norm normalises each such batch with its own statistics); 0: n_way x n_query, the query-set size at meta-training, as the authors' code scores its test tasks; n_way x eval_queries: all of a task's queries at once", min=0)
     support_batch: int = _f(0, "metalstm: support examples per learner update (0: the whole support set)", min=0)
     grad_clip: float = _f(0.0, "metalstm: clip the meta-gradient's norm to this (0: no clipping)", min=0.0)
+    grad_clip_value: float = _f(0.0, "clip each element of the meta-gradient (the meta-batch's, after the processes' all-reduce) to [-X, X] before the Adam step (0: no clipping); the authors' miniImageNet code clips at 10 on its loss, which is n_way x n_query / k_shot times the mean cross-entropy", min=0.0)
 
     def __post_init__(self):
         check_fields(self)
@@ -133,6 +134,11 @@ def _classification_presets() -> dict[str, dict]:
         # meta-validation episodes from pretrained_classifier.STEP_SIZE_GRID, 0.001-1.0; inner_lr is the untuned value) or nearest neighbour
         presets[name.replace("-maml", "-finetune")] = {**presets[name], "method": "finetune", "inner_lr": 0.1, "tune_inner_lr": True}
         presets[name.replace("-maml", "-nearest")] = {**presets[name], "method": "nearest"}
+    for shots in (1, 5):
+        for algorithm in ("maml", "fomaml"):
+            # the authors' code (cbfinn/maml, maml.py) clips miniImageNet's meta-gradient by value at 10, on a
+            # loss summed over the 5 x 15 queries and divided by K: the same clip on the mean is 10 K / 75
+            presets[f"miniimagenet-5w{shots}s-{algorithm}"]["grad_clip_value"] = 10 * shots / (5 * 15)
     return presets
 
 

@@ -245,6 +245,8 @@ def train(run_dir: Path, config: Config, resume: bool = False, progress: bool = 
                     else "no checkpoint had been written yet"
                 )
                 raise TrainingDiverged(f"training diverged at iteration {iteration}: {what}; {kept}. Lower inner_lr or outer_lr.")
+            if config.grad_clip_value > 0:
+                nn.utils.clip_grad_value_(method.parameters(), config.grad_clip_value)
             optimizer.step()
             losses.append(loss.item())
             timed += 1

@@ -84,6 +84,20 @@ def test_non_finite_loss_stops_with_the_iteration_and_keeps_the_last_checkpoint(
     assert all(torch.isfinite(p).all() for p in method.parameters())
 
 
+def test_grad_clip_value_clips_each_element_of_the_meta_gradient_before_the_step(tmp_path):
+    # After one Adam step the first moment is (1 - beta1) x the gradient the step was given.
+    def first_step_gradients(name, **fields):
+        run(tmp_path, name, iterations=1, **fields)
+        moments = load_run(tmp_path / name)[2]["optimizer"]["state"]
+        return torch.cat([moments[i]["exp_avg"].flatten() for i in sorted(moments)]) / 0.1
+
+    unclipped = first_step_gradients("unclipped")
+    bound = unclipped.abs().median().item()  # binds for half of the elements
+    clipped = first_step_gradients("clipped", grad_clip_value=bound)
+    torch.testing.assert_close(clipped, unclipped.clamp(-bound, bound))
+    assert (unclipped.abs() > bound).sum() > unclipped.numel() // 3
+
+
 def test_keep_freed_cpu_memory_reuses_memory_without_page_faults_and_never_trims():
     # glibc's default placement of multi-MB blocks depends on its history, so the child starts
     # from the worst case (every block over 128 KiB mapped fresh, MALLOC_MMAP_THRESHOLD_).
