@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from fewshot.checkpoint import load_checkpoint
@@ -87,9 +88,19 @@ def test_ctrl_c_reaching_one_process_stops_every_process_at_the_same_iteration_w
 
 
 
-def test_meta_lstm_shares_summed_over_processes_are_clipped_as_one_meta_batch(monkeypatch):
-    """Meta-LSTM clips its meta-gradient's norm: under torchrun the sum of the processes' shares is
-    clipped, not each share (the all-reduce simulated in one process: rank 1's tensor added to rank 0's)."""
+@pytest.mark.parametrize(
+    "name, fields",
+    [
+        # Meta-LSTM clips its meta-gradient's norm: the sum of the processes' shares is clipped, not each share
+        ("omniglot-5w1s-metalstm", dict(grad_clip=0.01, inner_steps=2)),
+        # MAML on the paper's conv learner with batch norm (looped path), second order, two inner steps
+        ("omniglot-5w1s-maml", dict(inner_steps=2)),
+    ],
+)
+def test_shares_summed_over_processes_give_the_meta_batchs_meta_gradient(monkeypatch, name, fields):
+    """Under torchrun each process takes a share of the meta-batch; the all-reduced sum of the shares
+    is the one-process meta-gradient (the all-reduce simulated in one process: rank 1's tensor added
+    to rank 0's)."""
     import copy
     import dataclasses
 
@@ -98,7 +109,7 @@ def test_meta_lstm_shares_summed_over_processes_are_clipped_as_one_meta_batch(mo
     from fewshot.config import preset
     from fewshot.tasks.base import TaskBatch
 
-    config = dataclasses.replace(preset("omniglot-5w1s-metalstm"), meta_batch=4, grad_clip=0.01, channels=4, inner_steps=2)
+    config = dataclasses.replace(preset(name), meta_batch=4, channels=4, **fields)
     method = experiment.build_method(config)
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(5)
