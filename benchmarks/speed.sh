@@ -3,7 +3,8 @@
 #   bash benchmarks/speed.sh                                   # sine workload, 3 rounds
 #   WORKLOADS="omniglot-5w1s omniglot-20w1s" ROUNDS=1 COMPILE=0 bash benchmarks/speed.sh
 #   ORDERS="second first"      orders to time (sine is second order only)
-#   IMPLS="l2l func_loop fewshot fewshot_kept fewshot_1thread"   subset/order of implementations (default below)
+#   IMPLS="l2l higher torchopt torchopt_func func_loop func_vmap fewshot fewshot_kept fewshot_1thread"
+#                              subset/order of implementations (default below)
 #   (fewshot_kept: after fewshot.device.keep_freed_cpu_memory(), as `fewshot train` does)
 # Needs the peers' venv (bash ../shared/peers/setup.sh); fewshot is installed into it
 # without dependencies so every implementation runs on the same torch.
@@ -39,7 +40,8 @@ for r in $(seq 1 "$ROUNDS"); do
         case $impl in
           l2l) run "$wl" "$order" bench_l2l.py ;;
           higher) run "$wl" "$order" bench_higher.py ;;
-          torchopt) run "$wl" "$order" bench_torchopt.py ;;
+          torchopt) [ "$order" = first ] || run "$wl" "$order" bench_torchopt.py ;;  # its MetaSGD idiom: second order only
+          torchopt_func) run "$wl" "$order" bench_torchopt.py --api functional ;;
           func_loop) run "$wl" "$order" bench_func_loop.py ;;
           func_vmap) run "$wl" "$order" bench_func_vmap.py ;;
           fewshot) run "$wl" "$order" "$ROOT/benchmarks/bench_fewshot.py"
