@@ -137,8 +137,9 @@ def _classification_presets() -> dict[str, dict]:
     for shots in (1, 5):
         for algorithm in ("maml", "fomaml"):
             # the authors' code (cbfinn/maml, maml.py) clips miniImageNet's meta-gradient by value at 10, on a
-            # loss summed over the 5 x 15 queries and divided by K: the same clip on the mean is 10 K / 75
-            presets[f"miniimagenet-5w{shots}s-{algorithm}"]["grad_clip_value"] = 10 * shots / (5 * 15)
+            # loss summed over the N x Q queries and divided by K: the same clip on the mean is 10 K / (N Q)
+            p = presets[f"miniimagenet-5w{shots}s-{algorithm}"]
+            p["grad_clip_value"] = 10 * p["k_shot"] / (p["n_way"] * p["n_query"])
     return presets
 
 

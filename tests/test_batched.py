@@ -84,18 +84,22 @@ def test_a_layer_with_a_hook_is_left_to_vmap():
     assert batched_loss(module, F.mse_loss) is None
 
 
-def test_maml_takes_the_mlp_path_and_vmap_once_a_hook_is_added():
+def test_maml_takes_the_mlp_path_and_vmap_once_a_hook_is_added(monkeypatch):
+    from fewshot.algorithms import maml as maml_module
+
+    planned = []  # what MAML's batched path got from batched_loss at each meta_loss
+    monkeypatch.setattr(maml_module, "batched_loss", lambda *args: planned.append(batched_loss(*args)) or planned[-1])
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1)).double()
     maml = MAML(model, F.mse_loss, inner_lr=0.1, inner_steps=2, batched=True)
-    assert maml._mlp_tasks_loss is not None
     g = torch.Generator().manual_seed(2)
     batch = TaskBatch(*(torch.randn(3, 5, 1, generator=g, dtype=torch.float64) for _ in range(4)))
     fast = torch.autograd.grad(maml.meta_loss(batch), list(model.parameters()))
+    assert len(planned) == 1 and planned[0] is not None  # the MLP path
     calls = []
     model.register_forward_hook(lambda *args: calls.append(1))  # a hook on the whole model: vmap runs it
     slow = torch.autograd.grad(maml.meta_loss(batch), list(model.parameters()))
-    assert calls  # the hook fired, so this was vmap's path
+    assert planned[1] is None and calls  # no plan, and the hook fired: this was vmap's path
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
