@@ -273,6 +273,11 @@ def prefers_batched(module: nn.Module) -> bool:
     return not any(isinstance(m, _LOOP_LAYERS) for m in module.modules())
 
 
+def has_batch_norm(module: nn.Module) -> bool:
+    """Whether the module has batch- or instance-norm layers (both run native batch norm)."""
+    return any(isinstance(m, nn.modules.batchnorm._NormBase) for m in module.modules())
+
+
 def updates_buffers(module: nn.Module) -> bool:
     """Whether a forward pass writes the module's buffers (batch-norm running statistics)."""
     return any(isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats for m in module.modules())
@@ -301,7 +306,9 @@ class MAML(nn.Module):
         compile: compute the meta-gradient with ``torch.func`` transforms compiled
             by ``torch.compile`` (batched path only; the first call compiles, which
             takes tens of seconds). ``meta_loss(...).backward()`` works the same. If
-            compilation fails, a warning says why and the eager path is used.
+            compilation fails, a warning says why and the eager path is used. Refused
+            for models with batch- or instance-norm layers: the transforms' second
+            derivative through native batch norm is wrong there (torch 2.13).
 
     Example::
 
@@ -347,6 +354,12 @@ class MAML(nn.Module):
         self.batched = prefers_batched(model) if batched == "auto" else batched
         if compile and not self.batched:
             raise ValueError("compile=True needs the batched path (batched=True or 'auto' on a model without conv/norm layers)")
+        if compile and has_batch_norm(model):
+            raise ValueError(
+                "compile=True is not offered for models with batch- or instance-norm layers: torch.func's "
+                "grad(vmap(grad)) through native batch norm gives second-order meta-gradients off by 1-30% "
+                "(torch 2.13, measured against the per-task loop); use compile=False (the eager paths are exact)"
+            )
         self._compiled = torch.compile(meta_gradient_functorch) if compile else None
         self.inner_lrs = nn.ParameterList()  # learned alphas, in the order of named_parameters
         if learn_inner_lr:
