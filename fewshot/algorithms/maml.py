@@ -308,7 +308,8 @@ class MAML(nn.Module):
             takes tens of seconds). ``meta_loss(...).backward()`` works the same. If
             compilation fails, a warning says why and the eager path is used. Refused
             for models with batch- or instance-norm layers: the transforms' second
-            derivative through native batch norm is wrong there (torch 2.13).
+            derivative through native batch norm is wrong there (torch 2.13,
+            pytorch/functorch#534: the batching rule of its backward for grad_input).
 
     Example::
 

@@ -72,7 +72,7 @@ def test_conv_bn_batched_path_equals_loop(first_order):
 
 def test_compile_is_refused_with_batch_norm_and_its_formulation_is_exact_without():
     # torch.func's grad(vmap(grad)) through native batch norm gives wrong second-order gradients for the
-    # parameters before it (2-3% here, torch 2.13; the eager batched path above is exact), so compile,
+    # parameters before it (2-3% here, torch 2.13; pytorch/functorch#534; the eager batched path is exact), so compile,
     # which traces that formulation, is refused for such models; without norm layers the formulation is exact
     from fewshot.algorithms.maml import meta_gradient_functorch
 
