@@ -146,7 +146,7 @@ def rank_and_world() -> tuple[int, int]:
 
 def check_trainable(config: Config) -> None:
     """What would stop ``train`` before its first iteration, checked before anything is written: the number
-    of processes, the dataset's files (DataError) and whether its episodes fit (ConfigError)."""
+    of processes, the dataset's files (DataError), whether its episodes fit and MAML's settings combine (ConfigError)."""
     _, world = rank_and_world()
     if world > config.meta_batch:
         raise ConfigError(f"{world} processes for meta_batch={config.meta_batch}: allowed: at most meta_batch processes")
@@ -154,6 +154,13 @@ def check_trainable(config: Config) -> None:
         raise ConfigError(f"method={config.method!r} under {world} processes: its pre-training normalises a whole meta-batch "
                           "as one batch-norm batch, which a share per process would change; allowed: one process")  # fmt: skip
     experiment.check_episodes(config)
+    if config.method == "maml":
+        try:  # MAML's own checks of how its settings combine (compile needs the batched path, ...)
+            experiment.build_method(config)
+        except ConfigError:
+            raise
+        except ValueError as error:
+            raise ConfigError(f"method='maml' with these settings: {error}") from None
 
 
 def _share_of_meta_batch(method: nn.Module, batch: TaskBatch, rank: int, world: int) -> torch.Tensor:

@@ -66,6 +66,7 @@ def test_resume_extends_a_finished_run(runs, tmp_path):
         (["eval", "no/such/run"], "run directory no/such/run: no config.toml"),
         (["plot", "no/such/run"], "run directory no/such/run: no config.toml"),
         (["train", "sine-maml", "--device", "tpu"], "--device 'tpu': allowed: cpu, cuda, cuda:N, auto"),
+        (["train", "sine-maml", "--set", "compile=true", "--set", "batched=no"], "method='maml' with these settings: compile=True needs the batched path"),
         (["eval", "no/such/run", "--device", "gpu0"], "--device 'gpu0': allowed: cpu, cuda, cuda:N, auto"),
     ],
 )
