@@ -62,7 +62,7 @@ class Config:
     learn_inner_lr: str = _f("none", "learn alpha (Meta-SGD): none, per_tensor or per_element", choices=LEARN_INNER_LR)
     tune_inner_lr: bool = _f(False, "pick the fine-tuning step size on meta-val tasks (the paper's pretrained baseline)")
     batched: str = _f("auto", "adapt the meta-batch in one vmapped call: auto (measured choice), yes, no", choices=BATCHED)
-    compile: bool = _f(False, "torch.compile the meta-gradient (MAML, batched path; the first iteration compiles)")
+    compile: bool = _f(False, "torch.compile the meta-gradient (MAML, batched path, no batch/instance norm; the first iteration compiles)")
     outer_lr: float = _f(1e-3, "Adam step size of the outer loop", min=0.0)
     iterations: int = _f(30_000, "meta-iterations (the paper's code: 70,000; validation error is nearly flat after 30,000, BENCHMARKS.md)", min=1)
     seed: int = _f(0, "seed of the initial weights and of the meta-training task stream", min=0)
