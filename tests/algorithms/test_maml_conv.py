@@ -79,13 +79,15 @@ def test_compile_is_refused_with_batch_norm_and_its_formulation_is_exact_without
     with pytest.raises(ValueError, match="compile=True is not offered for models with batch- or instance-norm"):
         MAML(tiny_conv(), F.cross_entropy, 0.4, 2, batched=True, compile=True)
     torch.manual_seed(0)
-    no_norm = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, stride=2, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3)).double()
+    nn = torch.nn
+    no_norm = nn.Sequential(nn.Conv2d(1, 3, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 8 * 8, 3)).double()
     batch = episodes(n_tasks=3)
     maml = MAML(no_norm, F.cross_entropy, 0.4, 2, batched=False)
     theta = {n: p.detach() for n, p in maml.meta_parameters().items()}
     loss, (grads, _) = meta_gradient_functorch(maml._task_loss, theta, {}, batch, 0.4, 2, False)
     assert rel_error(torch.cat([g.flatten() for g in grads.values()]), flat_meta_grad(maml, batch)) < 1e-10
     assert torch.allclose(loss, maml.meta_loss(batch), rtol=1e-12)
+
 
 def test_an_episode_is_scored_the_same_whatever_shares_its_batch():
     # batch statistics are per task: adapting task 0 alone or beside others gives the same predictions
