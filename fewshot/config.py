@@ -28,6 +28,7 @@ LEARN_INNER_LR = ("none", "per_tensor", "per_element")
 BATCHED = ("auto", "yes", "no")
 INITS = ("torch", "maml")
 LOSS_REDUCTIONS = ("mean", "per_shot")
+LEARNERS = ("paper", "authors")
 
 
 class ConfigError(ValueError):
@@ -48,6 +49,7 @@ class Config:
     dataset: str = _f("sinusoid", "task distribution: sinusoid (regression), omniglot or miniimagenet (N-way K-shot)", choices=DATASETS)
     n_way: int = _f(5, "classes per episode (classification)", min=1)
     channels: int = _f(64, "filters per conv layer (classification learner)", min=1)
+    learner: str = _f("paper", "classification, maml: the Conv4 the paper describes (paper: batch-norm scale and shift adapted, flattened last map, PyTorch's initialisation) or the authors' code's (authors: batch-norm shift only, meta-learned and not adapted, Omniglot's last map averaged, Xavier/N(0, 1) initialisation; README.md)", choices=LEARNERS)
     eval_queries: int = _f(15, "query examples per class in the meta-val/meta-test episodes (classification)", min=1)
     method: str = _f("maml", "algorithm: maml (with first_order for FOMAML); sinusoid: pretrained, oracle; classification: protonet, matchingnet, finetune, nearest (a classifier pre-trained on all meta-train classes, then fine-tuned or nearest-neighbour)", choices=METHODS)
     k_shot: int = _f(10, "support examples per task (sinusoid) or per class (classification), K", min=1)
@@ -85,6 +87,8 @@ class Config:
             raise ConfigError(f"k_shot={self.k_shot}: sinusoid's fixed validation tasks have {SINUSOID_VAL_SHOTS} support points; allowed: 1..{SINUSOID_VAL_SHOTS}")
         if self.loss_reduction != "mean" and (self.dataset == "sinusoid" or self.method != "maml"):
             raise ConfigError(f"loss_reduction={self.loss_reduction!r}: applies to MAML classification only; allowed here: mean")
+        if self.learner != "paper" and (self.dataset == "sinusoid" or self.method != "maml"):
+            raise ConfigError(f"learner={self.learner!r}: applies to MAML classification only; allowed here: paper")
         if self.dataset != "sinusoid":
             group, per_class = self.query_group_size, self.query_group_size // self.n_way
             if per_class < 1 or group % self.n_way or self.eval_queries % per_class:

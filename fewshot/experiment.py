@@ -74,14 +74,17 @@ def _maml(config: Config, model: nn.Module, loss_fn) -> MAML:
         learn_inner_lr=False if config.learn_inner_lr == "none" else config.learn_inner_lr,
         batched={"auto": "auto", "yes": True, "no": False}[config.batched],
         compile=config.compile,
+        inner_params=model.inner_loop_parameters() if isinstance(model, Conv4) else None,
     )
 
 
 def _conv_learner(config: Config) -> nn.Module:
-    """The paper's learner: strided convolutions on Omniglot (28x28), max-pooling on miniImageNet (84x84)."""
+    """The paper's learner: strided convolutions on Omniglot (28x28), max-pooling on miniImageNet (84x84);
+    ``learner="authors"``: as in the authors' code."""
+    authors = config.learner == "authors"
     if config.dataset == "omniglot":
-        return Conv4(config.n_way, in_channels=1, hidden=config.channels, image_size=28, strided=True)
-    return Conv4(config.n_way, in_channels=3, hidden=config.channels, image_size=84)
+        return Conv4(config.n_way, in_channels=1, hidden=config.channels, image_size=28, strided=True, authors=authors)
+    return Conv4(config.n_way, in_channels=3, hidden=config.channels, image_size=84, authors=authors)
 
 
 def metric_name(config: Config) -> str:

@@ -29,6 +29,8 @@ def test_overrides_parse_by_type():
         ("k_shot", "expected key=value"),
         ("loss_reduction=per_shot", "loss_reduction='per_shot': applies to MAML classification only; allowed here: mean"),
         ("loss_reduction=sum", "loss_reduction='sum': allowed values are mean, per_shot"),
+        ("learner=authors", "learner='authors': applies to MAML classification only; allowed here: paper"),
+        ("learner=mine", "learner='mine': allowed values are paper, authors"),
     ],
 )
 def test_bad_overrides_name_the_key_and_allowed_values(assignment, message):

@@ -28,3 +28,12 @@ def test_per_shot_loss_is_n_way_times_the_mean_so_the_papers_step_acts_n_way_tim
     for a, b in zip(grads_p, grads_m):
         assert torch.allclose(a, 5 * b, rtol=1e-9, atol=1e-12)
     assert not torch.allclose(mean.meta_loss(tasks), _tiny_omniglot_maml(inner_lr=0.4).meta_loss(tasks))  # the step matters
+
+
+def test_learner_authors_builds_the_authors_net_with_batch_norm_out_of_the_inner_loop():
+    paper, authors = _tiny_omniglot_maml(), _tiny_omniglot_maml(learner="authors", loss_reduction="per_shot")
+    assert paper.adapted_names == [n for n, _ in paper.module.named_parameters()]
+    assert authors.module.authors and authors.module.head.in_features == 4  # the averaged 2x2 map of 4 channels
+    norm_names = [n for n, _ in authors.module.named_parameters() if n not in authors.adapted_names]
+    assert norm_names == [f"features.{i}.{p}" for i in (1, 4, 7, 10) for p in ("weight", "bias")]
+    assert [n for n, p in authors.module.named_parameters() if not p.requires_grad] == norm_names[::2]  # no scale

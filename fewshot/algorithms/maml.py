@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -85,12 +85,16 @@ def adapt(
     """Inner loop (eq. 1): ``steps`` gradient steps on the support loss, as a pure function.
 
     Second order differentiates through every step; first order treats the inner
-    gradients as constants.
+    gradients as constants. Parameters without a step size in ``inner_lrs`` are not
+    adapted: every task uses them as they are (they stay meta-parameters).
     """
     x, y = support
+    fixed = {n: p for n, p in params.items() if n not in inner_lrs}
+    adapted = {n: p for n, p in params.items() if n in inner_lrs}
+    loss = task_loss if not fixed else (lambda adapted, x, y: task_loss({**fixed, **adapted}, x, y))
     for _ in range(steps):
-        params = sgd_update(params, gradient(task_loss, params, x, y, first_order), inner_lrs)
-    return params
+        adapted = sgd_update(adapted, gradient(loss, adapted, x, y, first_order), inner_lrs)
+    return {n: adapted.get(n, p) for n, p in params.items()}
 
 
 def query_loss_after_adaptation(
@@ -157,17 +161,19 @@ def meta_gradient_task_by_task(
 
 
 def meta_gradient_functorch(
-    task_loss: TaskLoss, theta: Params, alphas: Params, tasks: TaskBatch, fixed_lr: float, steps: int, first_order: bool
+    task_loss: TaskLoss, theta: Params, alphas: Params, tasks: TaskBatch, fixed_lrs: dict[str, float], steps: int,
+    first_order: bool,
 ) -> tuple[Tensor, tuple[Params, Params]]:
     """(meta-loss, its gradient w.r.t. theta and learned alphas) with ``torch.func`` only.
 
     The batched meta-objective written with function transforms alone (``grad``
     inside ``vmap`` inside ``grad_and_value``), so ``torch.compile`` can trace all
-    of it into one graph. ``alphas`` is empty when the step size is fixed.
+    of it into one graph. ``alphas`` is empty when the step sizes are the fixed
+    ``fixed_lrs`` (one per adapted parameter).
     """
 
     def objective(theta: Params, alphas: Params) -> Tensor:
-        lrs = alphas or dict.fromkeys(theta, fixed_lr)
+        lrs = alphas or fixed_lrs
 
         def one_task(xs, ys, xq, yq):
             task = TaskBatch(xs, ys, xq, yq)
@@ -297,6 +303,10 @@ class MAML(nn.Module):
             (Meta-SGD, Li et al. 2017).
         batched: ``True`` adapts the meta-batch in one vmapped call, ``False`` loops
             over tasks, ``"auto"`` picks what measured faster for the model's layers.
+        inner_params: names of the parameters the inner loop adapts (``None``: all of
+            them). The others are meta-learned like every parameter but not adapted:
+            every task uses them as they are (the authors' batch-norm shift, say, or
+            ANIL's feature extractor, Raghu et al. 2020).
         task_threads: on the looped path, how many tasks run side by side, each on
             its own thread with one intra-op thread. ``"auto"`` uses as many as
             ``torch.get_num_threads()`` on CPU (1 on other devices, or when a forward
@@ -335,6 +345,7 @@ class MAML(nn.Module):
         batched: bool | str = "auto",
         compile: bool = False,
         task_threads: int | str = "auto",
+        inner_params: Iterable[str] | None = None,
     ):
         super().__init__()
         if not inner_lr >= 0:
@@ -347,6 +358,13 @@ class MAML(nn.Module):
             raise ValueError(f"batched must be one of {BATCHED}, got {batched!r}")
         if not (task_threads == "auto" or (isinstance(task_threads, int) and not isinstance(task_threads, bool) and task_threads >= 1)):
             raise ValueError(f"task_threads must be 'auto' or an integer >= 1, got {task_threads!r}")
+        names = [n for n, _ in model.named_parameters()]
+        if isinstance(inner_params, str):
+            raise ValueError(f"inner_params must be a collection of parameter names, got the string {inner_params!r}")
+        unknown = sorted(set(inner_params or ()) - set(names))
+        if unknown:
+            raise ValueError(f"inner_params: {unknown} are not parameters of the model; allowed: {names}")
+        self.adapted_names = names if inner_params is None else [n for n in names if n in set(inner_params)]
         self.module = model
         self.loss_fn = loss_fn
         self.inner_lr = float(inner_lr)
@@ -362,9 +380,10 @@ class MAML(nn.Module):
                 "(torch 2.13, measured against the per-task loop); use compile=False (the eager paths are exact)"
             )
         self._compiled = torch.compile(meta_gradient_functorch) if compile else None
-        self.inner_lrs = nn.ParameterList()  # learned alphas, in the order of named_parameters
+        self.inner_lrs = nn.ParameterList()  # learned alphas of the adapted parameters, in the order of named_parameters
         if learn_inner_lr:
-            for p in model.parameters():
+            params = dict(model.named_parameters())
+            for p in (params[n] for n in self.adapted_names):
                 shape = p.shape if learn_inner_lr == "per_element" else ()
                 self.inner_lrs.append(nn.Parameter(torch.full(shape, self.inner_lr, dtype=p.dtype)))
         self.task_threads = task_threads
@@ -438,11 +457,10 @@ class MAML(nn.Module):
         return dict(self.module.named_parameters())
 
     def step_sizes(self) -> dict[str, Tensor | float]:
-        """alpha for every parameter tensor: learned tensors, or the fixed float."""
-        names = [n for n, _ in self.module.named_parameters()]
+        """alpha for every adapted parameter tensor: learned tensors, or the fixed float."""
         if len(self.inner_lrs):
-            return dict(zip(names, self.inner_lrs))
-        return dict.fromkeys(names, self.inner_lr)
+            return dict(zip(self.adapted_names, self.inner_lrs))
+        return dict.fromkeys(self.adapted_names, self.inner_lr)
 
     def adapt(
         self, support: tuple[Tensor, Tensor], steps: int | None = None, first_order: bool | None = None
@@ -497,10 +515,9 @@ class MAML(nn.Module):
 
     def _compiled_meta_loss(self, tasks: TaskBatch, steps: int, first_order: bool) -> Tensor:
         theta = {n: p.detach() for n, p in self.meta_parameters().items()}
-        alphas = {n: a.detach() for n, a in zip(theta, self.inner_lrs)}
-        loss, (theta_grads, alpha_grads) = self._compiled(
-            self._task_loss, theta, alphas, tasks, self.inner_lr, steps, first_order
-        )
+        alphas = {n: a.detach() for n, a in zip(self.adapted_names, self.inner_lrs)}
+        fixed_lrs = dict.fromkeys(self.adapted_names, self.inner_lr)
+        loss, (theta_grads, alpha_grads) = self._compiled(self._task_loss, theta, alphas, tasks, fixed_lrs, steps, first_order)
         inputs = [*self.module.parameters(), *self.inner_lrs]
         grads = (*theta_grads.values(), *alpha_grads.values())
         return _PrecomputedGradient.apply(loss, grads, *inputs)
@@ -520,7 +537,7 @@ class MAML(nn.Module):
         many (batch norm with batch statistics normalises each pass with its own);
         None: all at once.
         """
-        lrs = self.step_sizes() if inner_lr is None else dict.fromkeys(self.meta_parameters(), float(inner_lr))
+        lrs = self.step_sizes() if inner_lr is None else dict.fromkeys(self.adapted_names, float(inner_lr))
         lrs = {n: lr.detach() if isinstance(lr, Tensor) else lr for n, lr in lrs.items()}
         theta = {n: p.detach() for n, p in self.meta_parameters().items()}
         if self.batched:

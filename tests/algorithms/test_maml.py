@@ -142,6 +142,39 @@ def test_unused_parameter_gets_zero_inner_gradient():
     assert torch.equal(adapted["spare.weight"], maml.module.spare.weight)
 
 
+HEAD_ONLY = ["4.weight", "4.bias"]  # tiny_net's last layer: the inner loop adapts only it (as ANIL does)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("learn_inner_lr", [False, "per_tensor"])
+def test_parameters_left_out_of_the_inner_loop_are_meta_learned_exactly(batched, learn_inner_lr):
+    maml = MAML(tiny_net(), F.mse_loss, 0.1, 2, batched=batched, learn_inner_lr=learn_inner_lr, inner_params=HEAD_ONLY)
+    assert len(maml.inner_lrs) == (2 if learn_inner_lr else 0)
+    batch = tasks()
+    grad = flat_meta_grad(maml, batch)
+    assert rel_error(grad, finite_difference(maml, batch)) < 1e-5
+    # the whole body gets a meta-gradient, and it is not that of adapting every parameter
+    n_body = sum(p.numel() for n, p in maml.module.named_parameters() if n not in HEAD_ONLY)
+    assert grad[:n_body].abs().min() > 0
+    everything = MAML(tiny_net(), F.mse_loss, 0.1, 2, batched=batched, learn_inner_lr=learn_inner_lr)
+    n_theta = sum(p.numel() for p in maml.module.parameters())
+    assert rel_error(grad[:n_theta], flat_meta_grad(everything, batch)[:n_theta]) > 1e-3
+
+
+def test_parameters_left_out_of_the_inner_loop_stay_as_they_are():
+    maml = MAML(tiny_net(), F.mse_loss, 0.1, inner_params=HEAD_ONLY)
+    adapted = maml.adapt(tasks().task(0).support, steps=3)
+    assert list(adapted) == [n for n, _ in maml.module.named_parameters()]
+    for n, p in maml.module.named_parameters():
+        assert (adapted[n] is p) == (n not in HEAD_ONLY)
+    # an evaluation step size (adaptation_curve's inner_lr) adapts the same parameters
+    batch = tasks()
+    curve = maml.adaptation_curve(batch, 2, inner_lr=0.3)
+    at_03 = MAML(tiny_net(), F.mse_loss, 0.3, inner_params=HEAD_ONLY)
+    expected = at_03(batch.query_x[1], at_03.adapt(batch.task(1).support, steps=2))
+    assert torch.allclose(curve[2][1], expected.detach(), atol=1e-12)
+
+
 @pytest.mark.parametrize("batched", [True, False])
 def test_adaptation_curve_matches_adapt_task_by_task(batched):
     maml = MAML(tiny_net(), F.mse_loss, inner_lr=0.1, batched=batched)
@@ -175,6 +208,8 @@ def test_measured_path_choice():
         ({"inner_steps": -1}, "inner_steps must be an integer >= 0"),
         ({"learn_inner_lr": "yes"}, "learn_inner_lr must be one of"),
         ({"batched": "maybe"}, "batched must be one of"),
+        ({"inner_params": ["4.weight", "head.bias"]}, r"inner_params: \['head.bias'\] are not parameters of the model; allowed: \['0.weight'"),
+        ({"inner_params": "4.weight"}, "inner_params must be a collection of parameter names"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):
@@ -192,7 +227,7 @@ def test_torch_func_meta_gradient_equals_autograd_path(first_order, learn_inner_
     batch = tasks()
     theta = {n: p.detach() for n, p in maml.meta_parameters().items()}
     alphas = {n: a.detach() for n, a in zip(theta, maml.inner_lrs)}
-    loss, (g_theta, g_alpha) = meta_gradient_functorch(maml._task_loss, theta, alphas, batch, 0.1, 2, first_order)
+    loss, (g_theta, g_alpha) = meta_gradient_functorch(maml._task_loss, theta, alphas, batch, dict.fromkeys(theta, 0.1), 2, first_order)
     expected = flat_meta_grad(maml, batch)
     got = torch.cat([g.flatten() for g in (*g_theta.values(), *g_alpha.values())])
     assert torch.allclose(loss, maml.meta_loss(batch), rtol=1e-12)

@@ -17,8 +17,8 @@ from test_maml import flat_meta_grad, rel_error
 
 
 def directional_finite_differences(maml, batch, directions, eps=1e-6):
-    """Central differences of the meta-loss along each direction (a flat vector over all meta-parameters)."""
-    params = list(maml.parameters())
+    """Central differences of the meta-loss along each direction (a flat vector over the trainable meta-parameters)."""
+    params = [p for p in maml.parameters() if p.requires_grad]
     out = []
     with torch.no_grad():
         for v in directions:
@@ -84,7 +84,7 @@ def test_compile_is_refused_with_batch_norm_and_its_formulation_is_exact_without
     batch = episodes(n_tasks=3)
     maml = MAML(no_norm, F.cross_entropy, 0.4, 2, batched=False)
     theta = {n: p.detach() for n, p in maml.meta_parameters().items()}
-    loss, (grads, _) = meta_gradient_functorch(maml._task_loss, theta, {}, batch, 0.4, 2, False)
+    loss, (grads, _) = meta_gradient_functorch(maml._task_loss, theta, {}, batch, dict.fromkeys(theta, 0.4), 2, False)
     assert rel_error(torch.cat([g.flatten() for g in grads.values()]), flat_meta_grad(maml, batch)) < 1e-10
     assert torch.allclose(loss, maml.meta_loss(batch), rtol=1e-12)
 
@@ -215,3 +215,36 @@ def test_forward_with_some_parameters_or_with_hooks_runs_the_module_itself():
     maml.module.features[0].register_forward_hook(lambda *args: calls.append(1))
     maml(x, maml.meta_parameters())
     assert calls == [1]  # a hook on the user's module fires
+
+
+def authors_conv(seed=0):
+    # 20x20 -> 10 -> 5 -> 3 -> 2x2, averaged, as the authors' 28x28 net ends (at 16x16 a 1x1 map: a finite
+    # difference along some directions crosses ReLU kinks)
+    torch.manual_seed(seed)
+    return Conv4(n_way=3, in_channels=1, hidden=3, image_size=20, strided=True, authors=True).double()
+
+
+def trainable_meta_grad(maml, batch):
+    grads = torch.autograd.grad(maml.meta_loss(batch), [p for p in maml.parameters() if p.requires_grad])
+    return torch.cat([g.flatten() for g in grads])
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_authors_net_meta_gradient_matches_finite_difference_and_the_loop(batched):
+    # batch-norm shift meta-learned but not adapted, no scale, averaged last map: the authors' code's learner
+    learner = authors_conv()
+    maml = MAML(learner, F.cross_entropy, 0.4, 2, batched=batched, inner_params=learner.inner_loop_parameters())
+    batch = episodes(n_tasks=3, image_size=20)
+    grad = trainable_meta_grad(maml, batch)
+    if batched:
+        loop = MAML(authors_conv(), F.cross_entropy, 0.4, 2, batched=False, inner_params=learner.inner_loop_parameters())
+        assert rel_error(grad, trainable_meta_grad(loop, batch)) < 1e-10
+        return
+    directions = torch.randn(12, grad.numel(), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert rel_error(directions @ grad, directional_finite_differences(maml, batch, directions)) < 1e-5
+    shifts = [p for n, p in learner.named_parameters() if p.requires_grad and n not in learner.inner_loop_parameters()]
+    assert len(shifts) == 4 and all(p.grad is None for p in shifts)
+    maml.meta_loss(batch).backward()
+    assert all(p.grad.abs().sum() > 0 for p in shifts)  # meta-learned
+    adapted = maml.adapt(batch.task(0).support)
+    assert all(adapted[n] is p for n, p in learner.named_parameters() if n.endswith(("1.bias", "4.bias", "7.bias", "10.bias")))
