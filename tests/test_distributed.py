@@ -3,7 +3,6 @@
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,16 +16,11 @@ from fewshot.cli import main
 ARGS = ["--set", "val_every=10", "--set", "n_val_tasks=10", "--set", "meta_batch=6", "--no-progress"]
 
 
-def free_port() -> int:
-    """A port nobody listens on now (a fixed one collides with any other job on the machine)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun_command(*argv) -> list[str]:
-    """``torchrun --nproc_per_node=2 -m fewshot ARGV`` on a free port."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "fewshot", *argv]
+    """``torchrun --standalone --nproc_per_node=2 -m fewshot ARGV``: standalone binds its rendezvous
+    store to a port the system picks (localhost:0), so no other job's port can collide with it and
+    no port is picked first and bound later."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fewshot", *argv]
 
 
 def torchrun(*argv):
